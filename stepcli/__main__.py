@@ -1,0 +1,5 @@
+"""Entry point for ``python -m stepcli``."""
+
+from stepcli.cli import main
+
+main()

@@ -1,0 +1,243 @@
+"""The ``stepcli`` command line: thin commands over the engine, the store and the report."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import replace
+from typing import Annotated, Any
+
+import typer
+
+try:  # Typer 0.2x ships its own copy of Click; older releases use Click itself.
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - depends on the installed Typer
+    from click.exceptions import UsageError
+
+from stepcli import __version__, console
+from stepcli.config import ConfigError, TrainConfig
+from stepcli.data import DataError, balanced_subset
+from stepcli.options import (
+    AllowCpu,
+    DataDir,
+    Db,
+    Device,
+    OutputFormat,
+    Quiet,
+    Verbose,
+    load_data,
+    open_db,
+    parse_setups,
+    print_budget_table,
+    resolve_device,
+)
+from stepcli.runner import run_configs, train_configs
+from stepcli.store import StoreError
+from stepcli.store.queries import list_runs
+from stepcli.tables import print_rows
+
+app = typer.Typer(
+    name="stepcli",
+    help="Learned per-weight step sizes against a tuned Adam on MNIST.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.stdout.print(f"stepcli {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    if verbose and quiet:
+        raise ConfigError("invalid options -v and -q together: choose one")
+    level = console.Verbosity.VERBOSE if verbose else console.Verbosity.NORMAL
+    console.configure_logging(console.Verbosity.QUIET if quiet else level)
+
+
+@app.command()
+def train(
+    setup: Annotated[
+        str,
+        typer.Option(
+            help="Setup to train: 1-6, 'all' for 1-6, or a control name (see docs/cli.md)."
+        ),
+    ] = "1",
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate of the Adam and SGD setups.")
+    ] = None,
+    alpha0: Annotated[
+        float | None, typer.Option(help="Initial per-weight step size of the learned setups.")
+    ] = None,
+    meta_lr: Annotated[
+        float | None, typer.Option(help="Meta step size mu: change of each log step size per step.")
+    ] = None,
+    alpha_min: Annotated[float, typer.Option(help="Lower clamp of every step size.")] = 1e-6,
+    alpha_max: Annotated[float, typer.Option(help="Upper clamp of every step size.")] = 3.0,
+    gamma: Annotated[
+        float, typer.Option(help="Trace decay of the learned setups, in [0, 1].")
+    ] = 0.99,
+    curvature_every: Annotated[
+        int, typer.Option(help="Steps between curvature refreshes of setups 3 and 6 (k).")
+    ] = 10,
+    curvature: Annotated[
+        str, typer.Option(help="Curvature product of setup 4: hessian or ggn.")
+    ] = "hessian",
+    epochs: Annotated[int, typer.Option(help="Passes over the training subset.")] = 6,
+    batch_size: Annotated[int, typer.Option(help="Examples per minibatch.")] = 256,
+    subset_size: Annotated[
+        int, typer.Option(help="Class-balanced training subset size; 0 uses all 60,000 images.")
+    ] = 12_000,
+    seed: Annotated[
+        int, typer.Option(help="Seed of weights, subset, batch order and sampling.")
+    ] = 0,
+    hidden: Annotated[
+        str, typer.Option(help="Hidden widths of the baseline network X, comma-separated.")
+    ] = "256",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="Compile the forward pass with torch.compile.")
+    ] = False,
+    allow_cpu: AllowCpu = False,
+    device: Device = None,
+    data_dir: DataDir = None,
+    db: Db = "results.db",
+    output: OutputFormat = "table",
+) -> None:
+    """Train one setup (or all six) and store every step in the results store."""
+    names = parse_setups(setup)
+    base = TrainConfig(
+        setup=names[0],
+        seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        subset_size=subset_size or None,
+        hidden=_parse_hidden(hidden),
+        lr=lr,
+        alpha0=alpha0,
+        meta_lr=meta_lr,
+        alpha_min=alpha_min,
+        alpha_max=alpha_max,
+        gamma=gamma,
+        curvature_every=curvature_every,
+        curvature=curvature,
+        compile=compile,
+    )
+    base.validate()
+    torch_device = resolve_device(device, allow_cpu)
+    store = open_db(db)
+    data = load_data(data_dir, torch_device)
+    check_subset(base, data)
+    print_budget_table(names, base.hidden)
+
+    base = replace(base, device=str(torch_device))
+    configs = train_configs(store, names, base)
+    results = run_configs(store, data, configs)
+    _print_results(results, output)
+
+
+@app.command()
+def runs(
+    db: Db = "results.db",
+    output: OutputFormat = "table",
+    setup: Annotated[str | None, typer.Option(help="Only runs of this setup.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+) -> None:
+    """List the stored runs, one row each."""
+    store = open_db(db)
+    rows = list_runs(store, setup=setup, status=status)
+    print_rows(rows, output, title="runs")
+
+
+def _parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(
+            f"invalid --hidden {text!r}: give comma-separated integers such as 256 or 512,256"
+        ) from None
+    if not widths:
+        raise ConfigError(f"invalid --hidden {text!r}: give at least one width")
+    return widths
+
+
+def check_subset(config: TrainConfig, data: Any) -> None:
+    """Raise ``ConfigError`` when the subset (and validation split) cannot be drawn."""
+    available = data.train_labels.shape[0]
+    if config.subset_size is None:
+        return
+    if config.subset_size + config.val_size > available:
+        raise ConfigError(
+            f"invalid --subset-size {config.subset_size}: the training set has {available} images"
+            + (f" and --val-size takes {config.val_size}" if config.val_size else "")
+            + "; pass a smaller value, or 0 for all images"
+        )
+    try:
+        balanced_subset(data.train_labels.cpu(), config.subset_size, config.seed)
+    except ValueError as exc:
+        raise ConfigError(f"invalid --subset-size {config.subset_size}: {exc}") from None
+
+
+def _print_results(results: list[Any], output: str) -> None:
+    rows = [
+        {
+            "run": r.run_id,
+            "setup": r.setup,
+            "seed": r.seed,
+            "status": r.status,
+            "steps": r.steps,
+            "final_train_loss": r.final_train_loss,
+            "test_accuracy": r.test_accuracy,
+            "train_seconds": r.train_seconds,
+            **({"diverged_step": r.diverged_step} if r.diverged_step is not None else {}),
+        }
+        for r in results
+    ]
+    print_rows(rows, output, title="summary")
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; turn known errors into one-line messages and exit codes."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.error("interrupted")
+        sys.exit(130)
+    except UsageError as exc:
+        hint = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
+        console.error(f"{exc.format_message()}{hint}")
+        sys.exit(2)
+    except ConfigError as exc:
+        console.error(str(exc))
+        sys.exit(2)
+    except (DataError, StoreError) as exc:
+        console.error(str(exc))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.error("interrupted: the run in progress is stored as 'interrupted' with its rows")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
