@@ -24,7 +24,8 @@ from stepcli.model import MLP, count_params, matched_model, solve_hidden
 from stepcli.optim import LearnedStepSize, backward_and_step
 from stepcli.provenance import device_name, git_revision, host_name, versions
 from stepcli.setups import Setup
-from stepcli.store import Store, create_run, finish_run, write_rows
+from stepcli.store import Store
+from stepcli.store.sink import StoreSink
 from stepcli.timing import make_clock
 
 log = logging.getLogger(__name__)
@@ -191,13 +192,16 @@ def _first_divergence(losses: torch.Tensor) -> int | None:
 
 def train(
     config: TrainConfig,
-    store: Store,
+    store: Store | Any,
     data: MNIST,
     *,
     progress: Progress | None = None,
     run_fields: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train one run of ``config`` on ``data`` and store it; return its final metrics.
+
+    ``store`` is a ``Store`` or a sink with ``create_run``, ``write_rows`` and ``finish_run``
+    (see ``stepcli.store.sink``).
 
     ``KeyboardInterrupt`` marks the run ``interrupted`` and is re-raised after its rows are
     written. Any other exception marks it ``failed`` and is re-raised.
@@ -236,8 +240,8 @@ def train(
     sample_generator = torch.Generator(device=device)
     sample_generator.manual_seed(config.seed)
 
-    run_id = create_run(
-        store,
+    sink = StoreSink(store) if isinstance(store, Store) else store
+    run_id = sink.create_run(
         setup=spec.name,
         optimizer=spec.optimizer if not spec.learned else f"learned-{spec.trace}",
         optimizer_impl=implementation,
@@ -317,8 +321,7 @@ def train(
             for i in range(keep)
         ]
         epoch_losses.extend(row["loss"] for row in rows)
-        write_rows(
-            store,
+        sink.write_rows(
             run_id,
             steps=rows,
             evals=list(evals) if diverged_at is None else [],
@@ -332,7 +335,8 @@ def train(
         return None if diverged_at is None else first_step + diverged_at
 
     try:
-        write_rows(store, run_id, evals=[record_eval(0)])
+        initial = record_eval(0)
+        sink.write_rows(run_id, evals=[initial])
         model.train()
         for epoch in range(1, config.epochs + 1):
             epoch_losses = []
@@ -361,8 +365,7 @@ def train(
                 result.diverged_step = diverged
                 break
             eval_row = record_eval(epoch)
-            write_rows(
-                store,
+            sink.write_rows(
                 run_id,
                 evals=[eval_row],
                 diagnostics=diagnostic_rows(optimizer, names, epoch),
@@ -375,7 +378,8 @@ def train(
         status = "diverged" if result.diverged_step is not None else "finished"
         if status == "diverged":
             result.final_train_loss = None
-        if status == "finished" and _rose(result, store, run_id):
+        # A run that ends above its starting loss counts as diverged too.
+        if status == "finished" and result.final_eval_loss > initial["train_loss"]:
             status = "diverged"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -400,22 +404,9 @@ def train(
             "test_accuracy": result.test_accuracy,
             "error": result.extra.get("error"),
         }
-        finish_run(store, run_id, status, **final)
+        sink.finish_run(run_id, status, **final)
         progress.finish(status)
     return result
-
-
-def _rose(result: RunResult, store: Store, run_id: int) -> bool:
-    """Return whether the final training-subset loss ended above the initial one."""
-    from stepcli.store import Eval
-
-    with store.session() as session:
-        initial = session.get(Eval, (run_id, 0))
-    return (
-        initial is not None
-        and result.final_eval_loss is not None
-        and result.final_eval_loss > initial.train_loss
-    )
 
 
 def _flush_quietly(flush: Any, pending: list[torch.Tensor]) -> None:
