@@ -8,7 +8,8 @@ from dataclasses import replace
 from stepcli import console
 from stepcli.config import TrainConfig
 from stepcli.data import MNIST
-from stepcli.engine import RunResult, train
+from stepcli.engine import RunResult
+from stepcli.executors import ExecutionContext, LocalExecutor, RunSpec
 from stepcli.setups import get_setup
 from stepcli.store import Store
 from stepcli.store.queries import latest_sweep
@@ -50,11 +51,9 @@ def train_configs(store: Store, names: list[str], base: TrainConfig) -> list[Tra
 
 
 def run_configs(store: Store, data: MNIST, configs: list[TrainConfig]) -> list[RunResult]:
-    """Train each config in turn with a progress bar."""
-    results = []
-    for config in configs:
-        results.append(train(config, store, data, progress=console.RichProgress()))
-    return results
+    """Train each config in turn in this process, with a progress bar."""
+    context = ExecutionContext(store=store, data_dir="", data=data)
+    return LocalExecutor().run([RunSpec(config) for config in configs], context)
 
 
 def _fmt(values: dict) -> str:
