@@ -99,7 +99,10 @@ def train(
     epochs: Annotated[int, typer.Option(help="Passes over the training subset.")] = 6,
     batch_size: Annotated[int, typer.Option(help="Examples per minibatch.")] = 256,
     subset_size: Annotated[
-        int, typer.Option(help="Class-balanced training subset size; 0 uses all 60,000 images.")
+        int,
+        typer.Option(
+            help="Class-balanced training subset size; the full size (60000) uses every image."
+        ),
     ] = 12_000,
     seed: Annotated[
         int, typer.Option(help="Seed of weights, subset, batch order and sampling.")
@@ -123,7 +126,7 @@ def train(
         seed=seed,
         epochs=epochs,
         batch_size=batch_size,
-        subset_size=subset_size or None,
+        subset_size=subset_size,
         hidden=_parse_hidden(hidden),
         lr=lr,
         alpha0=alpha0,
@@ -139,7 +142,7 @@ def train(
     torch_device = resolve_device(device, allow_cpu)
     store = open_db(db)
     data = load_data(data_dir, torch_device)
-    check_subset(base, data)
+    base = check_subset(base, data)
     print_budget_table(names, base.hidden)
 
     base = replace(base, device=str(torch_device))
@@ -173,21 +176,28 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
-def check_subset(config: TrainConfig, data: Any) -> None:
-    """Raise ``ConfigError`` when the subset (and validation split) cannot be drawn."""
+def check_subset(config: TrainConfig, data: Any) -> TrainConfig:
+    """Return ``config`` with the whole training set as ``subset_size=None`` when asked for.
+
+    Raise ``ConfigError`` when the subset and validation split cannot be drawn.
+    """
     available = data.train_labels.shape[0]
-    if config.subset_size is None:
-        return
-    if config.subset_size + config.val_size > available:
+    size = config.subset_size
+    if size is None or (size == available and not config.val_size):
+        return replace(config, subset_size=None)
+    if size + config.val_size > available:
         raise ConfigError(
-            f"invalid --subset-size {config.subset_size}: the training set has {available} images"
+            f"invalid --subset-size {size}: the training set has {available} images"
             + (f" and --val-size takes {config.val_size}" if config.val_size else "")
-            + "; pass a smaller value, or 0 for all images"
+            + f"; pass a smaller value, or {available} for the whole training set"
         )
     try:
-        balanced_subset(data.train_labels.cpu(), config.subset_size, config.seed)
+        balanced_subset(data.train_labels.cpu(), size, config.seed)
     except ValueError as exc:
-        raise ConfigError(f"invalid --subset-size {config.subset_size}: {exc}") from None
+        raise ConfigError(
+            f"invalid --subset-size {size}: {exc}, or {available} for the whole training set"
+        ) from None
+    return config
 
 
 def _print_results(results: list[Any], output: str) -> None:
