@@ -86,9 +86,9 @@ def find_sweep(
 
 
 def done_sweep_runs(
-    store: Store, config_keys: Iterable[str], git_revision: str | None
+    store: Store, config_keys: Iterable[str], git_revision: str | None, *, kind: str = "sweep"
 ) -> dict[str, Run]:
-    """Return the newest ``finished`` or ``diverged`` sweep run per config key.
+    """Return the newest ``finished`` or ``diverged`` run of ``kind`` per config key.
 
     Only runs stored with ``git_revision`` count; ``None`` matches runs whose revision is
     unknown.
@@ -103,7 +103,7 @@ def done_sweep_runs(
             query = (
                 select(Run)
                 .where(
-                    Run.kind == "sweep",
+                    Run.kind == kind,
                     Run.status.in_(("finished", "diverged")),
                     Run.config_key.in_(keys[start : start + _KEYS_PER_QUERY]),
                     revision,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stepcli.store.session import Store
+from stepcli.store.session import Store, utcnow
 from stepcli.store.writes import create_run, finish_run, write_rows
 
 
@@ -26,8 +26,14 @@ class StoreSink:
         if self.run_id is None:
             self.run_id = create_run(self.store, **fields)
         else:
-            # A run row made by a sweep driver: fill in what only the worker knows.
-            finish_fields = {**fields, "status": "running", "finished_at": None}
+            # A run row made by a sweep driver: fill in what only the worker knows. The heartbeat
+            # comes from this process, which stale detection compares with the start of its pid.
+            finish_fields = {
+                **fields,
+                "status": "running",
+                "finished_at": None,
+                "heartbeat_at": utcnow(),
+            }
             _update_run(self.store, self.run_id, finish_fields)
         return self.run_id
 
