@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from dataclasses import replace
 from typing import Annotated, Any
 
+import torch
 import typer
 
 try:  # Typer 0.2x ships its own copy of Click; older releases use Click itself.
@@ -25,16 +27,20 @@ from stepcli.options import (
     OutputFormat,
     Quiet,
     Verbose,
+    check_format,
     load_data,
     open_db,
+    open_existing_db,
     parse_setups,
     print_budget_table,
     resolve_device,
 )
 from stepcli.runner import run_configs, train_configs
-from stepcli.store import StoreError
+from stepcli.store import RUN_STATUSES, StoreError
 from stepcli.store.queries import list_runs
 from stepcli.tables import print_rows
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(
     name="stepcli",
@@ -120,6 +126,7 @@ def train(
     output: OutputFormat = "table",
 ) -> None:
     """Train one setup (or all six) and store every step in the results store."""
+    check_format(output)
     names = parse_setups(setup)
     base = TrainConfig(
         setup=names[0],
@@ -159,7 +166,15 @@ def runs(
     status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
 ) -> None:
     """List the stored runs, one row each."""
-    store = open_db(db)
+    check_format(output)
+    if setup is not None:
+        names = parse_setups(setup)
+        if len(names) != 1:
+            raise ConfigError(f"invalid --setup {setup!r}: give one setup, such as 1 or sgd")
+        setup = names[0]
+    if status is not None and status not in RUN_STATUSES:
+        raise ConfigError(f"invalid --status {status!r}: choose one of {', '.join(RUN_STATUSES)}")
+    store = open_existing_db(db)
     rows = list_runs(store, setup=setup, status=status)
     print_rows(rows, output, title="runs")
 
@@ -222,11 +237,30 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _install_signal_handlers() -> None:
+    """Make SIGTERM, and SIGHUP unless it is ignored (nohup), stop a run as Ctrl-C does."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, _on_sigterm)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn known errors into one-line messages and exit codes."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _install_signal_handlers()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -247,7 +281,30 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
+    except Exception as exc:
+        # The last resort: a one-line message instead of a traceback. A run in progress is
+        # already stored as failed with this error. -v prints the traceback.
+        log.debug("traceback of the error below", exc_info=exc)
+        if _is_out_of_memory(exc):
+            console.error(
+                f"out of memory: {_first_line(exc)}; use a smaller --hidden or --batch-size"
+            )
+        else:
+            console.error(
+                f"unexpected {type(exc).__name__}: {_first_line(exc)}; "
+                "rerun with -v to print the traceback"
+            )
+        sys.exit(1)
+    # Typer 0.29 returns the code of a typer.Exit, and 130 after Ctrl-C, instead of raising.
+    if code == 130:
+        console.error("interrupted: the run in progress is stored as 'interrupted' with its rows")
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
+
+import stepcli.cli_experiment  # noqa: E402,F401
+import stepcli.cli_report  # noqa: E402,F401
+import stepcli.cli_sweep  # noqa: E402,F401  registers "sweep"
 
 if __name__ == "__main__":
     main()

@@ -151,9 +151,15 @@ class TrainConfig:
         return asdict(self)
 
 
+MAX_INT = 2**63 - 1
+"""Largest integer setting: the store keeps seeds and counts in signed 64-bit columns."""
+
+
 def _check_int(option: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"invalid {option} {value}: must be an integer >= {minimum}")
+    if value > MAX_INT:
+        raise ConfigError(f"invalid {option} {value}: must be an integer <= {MAX_INT}")
 
 
 def _check_positive(option: str, value: float) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import operator
 import os
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,31 +319,48 @@ def _download_root(root: Path) -> Path:
 
 
 def _download(root: Path) -> None:
-    """Download the four files with torchvision, raising DataError if that fails."""
+    """Download the four files with torchvision, raising DataError if that fails.
+
+    torchvision downloads into a staging folder beside MNIST/, and the four files move into
+    MNIST/raw only once all of them arrived. A failed or interrupted download therefore leaves
+    no partial set behind, which the next attempt would reject as incomplete.
+    """
     # Only the download needs torchvision, which takes about 1 s to import (torchvision 0.29).
     import torchvision
 
     download_root = _download_root(root)
     raw_folder = download_root / "MNIST" / "raw"
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
     try:
-        # MNIST.download fetches all four files, whichever split is requested. Its
-        # progress bar goes to stderr.
-        torchvision.datasets.MNIST(download_root, train=True, download=True)
-    except (OSError, RuntimeError, EOFError, ValueError, AssertionError) as error:
-        # torchvision also parses the files after downloading them. If all four arrived,
-        # the validation in load_mnist reports what is wrong with them more precisely.
-        if all((raw_folder / name).exists() for name in MNIST_FILES):
-            return
+        download_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".stepcli-download-", dir=download_root))
+    except OSError as error:
         raise DataError(
             _not_found_message(
                 root,
-                f"download into {raw_folder} failed: {_short_reason(error)}; {_FIX_FOLDER}",
+                f"cannot create a download folder in {download_root}: {_short_reason(error)}; "
+                f"{_FIX_FOLDER}",
             )
         ) from error
+    staged = staging / "MNIST" / "raw"
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+    try:
+        try:
+            # MNIST.download fetches all four files, whichever split is requested. Its
+            # progress bar goes to stderr.
+            torchvision.datasets.MNIST(staging, train=True, download=True)
+        except (OSError, RuntimeError, EOFError, ValueError, AssertionError) as error:
+            # torchvision also parses the files after downloading them. If all four arrived,
+            # the validation in load_mnist reports what is wrong with them more precisely.
+            if not all((staged / name).exists() for name in MNIST_FILES):
+                reason = f"download into {raw_folder} failed: {_short_reason(error)}"
+                raise DataError(_not_found_message(root, f"{reason}; {_FIX_FOLDER}")) from error
+        raw_folder.mkdir(parents=True, exist_ok=True)
+        for name in MNIST_FILES:
+            os.replace(staged / name, raw_folder / name)
     finally:
         socket.setdefaulttimeout(previous_timeout)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _short_reason(error: BaseException) -> str:

@@ -8,6 +8,7 @@ so on CUDA no step waits for the host.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -378,9 +379,10 @@ def train(
         status = "diverged" if result.diverged_step is not None else "finished"
         if status == "diverged":
             result.final_train_loss = None
-        # A run that ends above its starting loss counts as diverged too.
+        # A run that ends above its starting loss counts as diverged too, at its last step.
         if status == "finished" and result.final_eval_loss > initial["train_loss"]:
             status = "diverged"
+            result.diverged_step = step
     except KeyboardInterrupt:
         status = "interrupted"
         _flush_quietly(flush, pending)
@@ -403,10 +405,34 @@ def train(
             "final_test_loss": _finite_or_none(result.final_test_loss),
             "test_accuracy": result.test_accuracy,
             "error": result.extra.get("error"),
+            "weights_digest": _digest_or_none(model),
         }
         sink.finish_run(run_id, status, **final)
         progress.finish(status)
     return result
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Return the SHA-256 hex digest of every parameter's name, dtype, shape and CPU bytes.
+
+    Two runs with equal digests ended with bit-identical weights.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        values = parameter.detach().cpu().contiguous()
+        digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _digest_or_none(model: torch.nn.Module) -> str | None:
+    # The final status must be stored even when the device can no longer copy the weights
+    # back (after a CUDA error, say).
+    try:
+        return weights_digest(model)
+    except Exception as exc:
+        log.warning("cannot compute the weights digest: %s", exc)
+        return None
 
 
 def _flush_quietly(flush: Any, pending: list[torch.Tensor]) -> None:

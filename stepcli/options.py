@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -13,7 +14,7 @@ from stepcli.config import ConfigError
 from stepcli.data import MNIST, data_dir_from, load_mnist
 from stepcli.engine import describe_budget
 from stepcli.setups import MAIN_SETUPS, SETUPS, get_setup
-from stepcli.store import Store, open_store
+from stepcli.store import Store, StoreError, open_store
 from stepcli.tables import print_rows
 
 OUTPUT_FORMATS = ("table", "json", "csv")
@@ -92,6 +93,13 @@ def resolve_device(device: str | None, allow_cpu: bool) -> torch.device:
 
 
 def open_db(db: str) -> Store:
+    return open_store(db)
+
+
+def open_existing_db(db: str) -> Store:
+    """Open the store at ``db`` for reading; a file path that does not exist raises."""
+    if "://" not in db and not Path(db).expanduser().exists():
+        raise StoreError(f"store {db} not found; run stepcli train first, or pass --db")
     return open_store(db)
 
 

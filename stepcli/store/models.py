@@ -134,6 +134,9 @@ class Run(Base):
     test_accuracy: Mapped[float | None] = mapped_column(Float)
     train_seconds: Mapped[float | None] = mapped_column(Float)
     compile_seconds: Mapped[float | None] = mapped_column(Float)
+    weights_digest: Mapped[str | None] = mapped_column(String(64))
+    """SHA-256 of the final weights (``stepcli.engine.weights_digest``); equal digests mean
+    bit-identical weights. NULL while running, or when the weights could not be read back."""
 
 
 class Step(Base):
