@@ -147,7 +147,7 @@ def experiment(
         train_size = data.train_labels.shape[0]
         base = replace(check_subset(base, data), device=str(torch_device))
     else:
-        base = replace(base, device=_remote_device(device))
+        base = replace(base, device=_remote_device(device, allow_cpu))
         store = open_db(db)
     plan = replace(plan, base=base)
     folder = data_dir_from(data_dir).expanduser().absolute()

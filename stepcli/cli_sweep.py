@@ -14,7 +14,7 @@ from stepcli import console
 from stepcli.cli import _parse_hidden, app, check_subset
 from stepcli.config import ConfigError, TrainConfig
 from stepcli.data import data_dir_from
-from stepcli.executors import ExecutionContext, ExecutorOptions, make_executor
+from stepcli.executors import AUTO_DEVICE, ExecutionContext, ExecutorOptions, make_executor
 from stepcli.options import AllowCpu, DataDir, Db, Device, load_data, open_db, resolve_device
 from stepcli.sweep import (
     AXIS_OPTIONS,
@@ -172,7 +172,7 @@ def sweep_command(
     else:
         # The runs train elsewhere: the data folder and the device are resolved there.
         # NOTE: a --subset-size that the data cannot supply therefore fails in each run.
-        base = replace(base, device=_remote_device(device))
+        base = replace(base, device=_remote_device(device, allow_cpu))
         store = open_db(db)
     plan = replace(plan, base=base)
 
@@ -228,10 +228,14 @@ def _executor_options(ray_address: str | None, gpus_per_run: float | None) -> Ex
     return ExecutorOptions(ray_address=ray_address, gpus_per_run=gpus_per_run)
 
 
-def _remote_device(device: str | None) -> str:
-    """Return the device that remote runs request: ``--device`` when given, else ``cuda``."""
+def _remote_device(device: str | None, allow_cpu: bool = False) -> str:
+    """Return the device that remote runs request.
+
+    That is ``--device`` when given, else ``cuda``, or ``auto`` (the executor chooses) with
+    ``--allow-cpu``.
+    """
     if device is None:
-        return "cuda"
+        return AUTO_DEVICE if allow_cpu else "cuda"
     try:
         torch.device(device)
     except RuntimeError:

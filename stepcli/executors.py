@@ -18,6 +18,10 @@ from stepcli.data import MNIST
 from stepcli.engine import RunResult, train
 from stepcli.store import Store
 
+AUTO_DEVICE = "auto"
+"""Device of a run that trains elsewhere under ``--allow-cpu`` without ``--device``: the executor
+picks CUDA where the workers have GPUs and the CPU otherwise."""
+
 
 @dataclass(frozen=True)
 class RunSpec:

@@ -38,7 +38,13 @@ from stepcli import console
 from stepcli.config import ConfigError, TrainConfig
 from stepcli.data import MNIST, data_dir_from, load_mnist
 from stepcli.engine import NullProgress, RunResult, describe_budget, train
-from stepcli.executors import ExecutionContext, ExecutorOptions, ResultCallback, RunSpec
+from stepcli.executors import (
+    AUTO_DEVICE,
+    ExecutionContext,
+    ExecutorOptions,
+    ResultCallback,
+    RunSpec,
+)
 from stepcli.provenance import git_revision, host_name, versions
 from stepcli.store import Diagnostic, Eval, Run, Step, Store, create_run, open_store, utcnow
 from stepcli.store.session import display_url
@@ -164,9 +170,10 @@ class RayExecutor:
         """
         if not specs:
             return []
-        gpus = resolve_gpus_per_run(self.gpus_per_run, [spec.config.device for spec in specs])
         started_ray = self._connect()
         try:
+            specs = self._resolve_auto_devices(specs)
+            gpus = resolve_gpus_per_run(self.gpus_per_run, [spec.config.device for spec in specs])
             self._check_cluster(gpus)
             return self._run_tasks(specs, context, gpus, on_result)
         finally:
@@ -195,6 +202,22 @@ class RayExecutor:
                 "start the head node with 'ray start --head' or pass its address"
             ) from None
         return True
+
+    def _resolve_auto_devices(self, specs: Sequence[RunSpec]) -> list[RunSpec]:
+        """Turn the device ``auto`` (``--allow-cpu`` without ``--device``) into cuda or cpu.
+
+        Runs train on CUDA when the cluster has GPUs now, else on the CPU.
+        """
+        if not any(spec.config.device == AUTO_DEVICE for spec in specs):
+            return list(specs)
+        device = "cuda" if self.ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        console.info(f"ray: runs train on {device} (--allow-cpu without --device)")
+        return [
+            replace(spec, config=replace(spec.config, device=device))
+            if spec.config.device == AUTO_DEVICE
+            else spec
+            for spec in specs
+        ]
 
     def _check_cluster(self, gpus: float) -> None:
         available = self.ray.cluster_resources().get("GPU", 0)

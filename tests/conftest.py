@@ -11,6 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ray reads these when it is first imported, by any test: no usage statistics sent anywhere, and
+# a local Ray instance that listens on 127.0.0.1 instead of the machine's network address.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def mnist_root() -> Path:
     """Return the real MNIST folder: $STEPCLI_TEST_MNIST, else ``shared/mnist`` beside the repo."""

@@ -268,8 +268,6 @@ def test_cli_sweep_on_ray_matches_local(ray_address, store_url, mnist_dir, refer
         "--subset-size",
         "500",
         "--allow-cpu",
-        "--device",
-        "cpu",
         "--data-dir",
         str(mnist_dir),
         "--db",
@@ -295,6 +293,7 @@ def test_cli_sweep_on_ray_matches_local(ray_address, store_url, mnist_dir, refer
         assert run.status == "finished"
         assert run.executor == "ray"
         assert run.gpus_per_run == 0
+        assert run.device == "cpu"
         config = tiny("1", run.seed, lr=run.hparams["lr"])
         assert run.config_key == config.resolved().key()
         assert_same_numbers(stored_rows(store, run.id), reference(config))
