@@ -41,12 +41,15 @@ MNIST_TRAIN_IMAGES = 60_000
 @app.command()
 def experiment(
     epochs: Annotated[
-        int | None, typer.Option(help="Passes over the training subset [default: 6].")
+        int | None,
+        typer.Option(help="Passes over the training subset (default 6, or 2 with --quick)."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per minibatch.")] = 256,
     subset_size: Annotated[
         int | None,
-        typer.Option(help="Class-balanced training subset size [default: 12000]."),
+        typer.Option(
+            help="Class-balanced training subset size (default 12000, or 2000 with --quick)."
+        ),
     ] = None,
     seeds: Annotated[
         int, typer.Option(help="Fresh seeds per setup for the final runs (1000, 1001, …).")
