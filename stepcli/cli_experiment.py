@@ -31,7 +31,7 @@ from stepcli.options import (
     parse_setups,
     resolve_device,
 )
-from stepcli.sweep import CRITERIA, DEFAULT_VAL_SIZE, parse_seeds
+from stepcli.sweep import CRITERIA, DEFAULT_VAL_SIZE, check_seed_count, parse_seeds
 
 QUICK = {"epochs": 2, "subset_size": 2000}
 """Settings of ``--quick``: 8 steps per epoch, so the whole study takes minutes on a CPU."""
@@ -118,8 +118,7 @@ def experiment(
     check_report_formats(image_format, table_format)
     if select_by not in CRITERIA:
         raise ConfigError(f"invalid --select-by {select_by!r}: choose one of {', '.join(CRITERIA)}")
-    if seeds < 1:
-        raise ConfigError(f"invalid --seeds {seeds}: must be an integer >= 1")
+    check_seed_count("--seeds", seeds)
     names = parse_setup_list(parse_setups(setup), controls)
     runner = make_executor(executor, _executor_options(ray_address, gpus_per_run))
     defaults = QUICK if quick else {"epochs": 6, "subset_size": 12_000}
@@ -136,7 +135,7 @@ def experiment(
     plan = ExperimentPlan(
         setups=names,
         base=base,
-        tuning_seeds=parse_seeds(tuning_seeds, None),
+        tuning_seeds=parse_seeds(tuning_seeds, None, option="--tuning-seeds"),
         seeds=fresh_seeds(seeds),
         criterion=select_by,
     )

@@ -39,6 +39,8 @@ CRITERIA = {"train-loss": "final_train_loss", "val-loss": "final_val_loss"}
 """Selection criterion name -> the ``runs`` column averaged over seeds (lower is better)."""
 
 DEFAULT_VAL_SIZE = 5_000
+MAX_SEEDS = 1_000
+"""Upper bound of a seed count: far above any study, far below a list that fills memory."""
 """Validation split held out of the training set when ``val-loss`` selects and no size is set."""
 
 AXIS_OPTIONS = {"lr": "--lrs", "alpha0": "--alpha0s", "meta_lr": "--meta-lrs"}
@@ -136,14 +138,16 @@ def _check_axis_value(axis: str, value: float, alpha_min: float, alpha_max: floa
         )
 
 
-def parse_seeds(count: int | None, listed: str | None) -> tuple[int, ...]:
-    """Return the tuning seeds: ``0 … count-1`` (2 by default) or the ``--seed-list`` values."""
+def parse_seeds(count: int | None, listed: str | None, option: str = "--seeds") -> tuple[int, ...]:
+    """Return the tuning seeds: ``0 … count-1`` (2 by default) or the ``--seed-list`` values.
+
+    ``option`` names the count option in error messages.
+    """
     if count is not None and listed is not None:
-        raise ConfigError("invalid --seeds with --seed-list: pass only one of them")
+        raise ConfigError(f"invalid {option} with --seed-list: pass only one of them")
     if listed is None:
         count = 2 if count is None else count
-        if count < 1:
-            raise ConfigError(f"invalid --seeds {count}: must be an integer >= 1")
+        check_seed_count(option, count)
         return tuple(range(count))
     seeds = []
     for part in listed.split(","):
@@ -164,6 +168,12 @@ def parse_seeds(count: int | None, listed: str | None) -> tuple[int, ...]:
     if not seeds:
         raise ConfigError(f"invalid --seed-list {listed!r}: give comma-separated integers")
     return tuple(seeds)
+
+
+def check_seed_count(option: str, count: int) -> None:
+    """Raise ``ConfigError`` unless ``count`` is between 1 and ``MAX_SEEDS``."""
+    if not 1 <= count <= MAX_SEEDS:
+        raise ConfigError(f"invalid {option} {count}: must be an integer from 1 to {MAX_SEEDS}")
 
 
 def grid_points(grid: dict[str, Sequence[float]]) -> list[dict[str, float]]:

@@ -27,6 +27,9 @@ STALE_AFTER = timedelta(minutes=10)
 """A running run on another host whose heartbeat is older than this is marked failed."""
 
 _START_TIME_SLACK = timedelta(seconds=2)
+"""Margin for the one-second resolution of the boot time that process start times count from."""
+_IDS_PER_STATEMENT = 500
+"""Run ids per IN list, below the 999 bound variables that SQLite before 3.32 allows."""
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _WRITE_OPTION = "stepcli_write"
 """Execution option that marks a connection of a write transaction (see ``Store.session``)."""
@@ -341,7 +344,6 @@ def _pid_reused(pid: int, last_heartbeat: datetime) -> bool:
     if state in ("Z", "X"):
         return True
     started = datetime.fromtimestamp(boot + start_ticks / os.sysconf("SC_CLK_TCK"), UTC)
-    # btime has a resolution of one second.
     return started.replace(tzinfo=None) > last_heartbeat + _START_TIME_SLACK
 
 
@@ -365,10 +367,10 @@ def mark_stale_runs(store: Store) -> int:
                 gone = (run.heartbeat_at or run.created_at) < now - STALE_AFTER
             if gone:
                 stale.append(run.id)
-        if stale:
+        for start in range(0, len(stale), _IDS_PER_STATEMENT):
             session.execute(
                 update(Run)
-                .where(Run.id.in_(stale))
+                .where(Run.id.in_(stale[start : start + _IDS_PER_STATEMENT]))
                 .values(status="failed", error="stale: the process stopped without a status")
             )
         return len(stale)
