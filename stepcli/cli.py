@@ -36,7 +36,7 @@ from stepcli.options import (
     resolve_device,
 )
 from stepcli.runner import run_configs, train_configs
-from stepcli.store import RUN_STATUSES, StoreError
+from stepcli.store import RUN_STATUSES, StoreError, check_store_location
 from stepcli.store.queries import list_runs
 from stepcli.tables import print_rows
 
@@ -147,8 +147,9 @@ def train(
     )
     base.validate()
     torch_device = resolve_device(device, allow_cpu)
-    store = open_db(db)
+    check_store_location(db)
     data = load_data(data_dir, torch_device)
+    store = open_db(db)
     base = check_subset(base, data)
     print_budget_table(names, base.hidden)
 

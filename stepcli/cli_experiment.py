@@ -31,6 +31,7 @@ from stepcli.options import (
     parse_setups,
     resolve_device,
 )
+from stepcli.store import check_store_location
 from stepcli.sweep import CRITERIA, DEFAULT_VAL_SIZE, check_seed_count, parse_seeds
 
 QUICK = {"epochs": 2, "subset_size": 2000}
@@ -144,8 +145,9 @@ def experiment(
     train_size = MNIST_TRAIN_IMAGES
     if runner.in_process:
         torch_device = resolve_device(device, allow_cpu)
-        store = open_db(db)
+        check_store_location(db)
         data = load_data(data_dir, torch_device)
+        store = open_db(db)
         train_size = data.train_labels.shape[0]
         base = replace(check_subset(base, data), device=str(torch_device))
     else:

@@ -16,6 +16,7 @@ from stepcli.config import ConfigError, TrainConfig
 from stepcli.data import data_dir_from
 from stepcli.executors import AUTO_DEVICE, ExecutionContext, ExecutorOptions, make_executor
 from stepcli.options import AllowCpu, DataDir, Db, Device, load_data, open_db, resolve_device
+from stepcli.store import check_store_location
 from stepcli.sweep import (
     AXIS_OPTIONS,
     CRITERIA,
@@ -166,8 +167,9 @@ def sweep_command(
     data = None
     if runner.in_process:
         torch_device = resolve_device(device, allow_cpu)
-        store = open_db(db)
+        check_store_location(db)
         data = load_data(data_dir, torch_device)
+        store = open_db(db)
         base = replace(check_subset(base, data), device=str(torch_device))
     else:
         # The runs train elsewhere: the data folder and the device are resolved there.

@@ -330,6 +330,9 @@ def _download(root: Path) -> None:
 
     download_root = _download_root(root)
     raw_folder = download_root / "MNIST" / "raw"
+    # Folders this download creates, deepest first, so that a failed download (a mistyped
+    # --data-dir, say) removes them again instead of leaving empty folders behind.
+    created = [path for path in (download_root, *download_root.parents) if not path.exists()]
     try:
         download_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".stepcli-download-", dir=download_root))
@@ -353,6 +356,8 @@ def _download(root: Path) -> None:
             # torchvision also parses the files after downloading them. If all four arrived,
             # the validation in load_mnist reports what is wrong with them more precisely.
             if not all((staged / name).exists() for name in MNIST_FILES):
+                shutil.rmtree(staging, ignore_errors=True)
+                _remove_empty(created)
                 reason = f"download into {raw_folder} failed: {_short_reason(error)}"
                 raise DataError(_not_found_message(root, f"{reason}; {_FIX_FOLDER}")) from error
         raw_folder.mkdir(parents=True, exist_ok=True)
@@ -361,6 +366,14 @@ def _download(root: Path) -> None:
     finally:
         socket.setdefaulttimeout(previous_timeout)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _short_reason(error: BaseException) -> str:

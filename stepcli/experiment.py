@@ -115,7 +115,8 @@ def run_experiment(
         point = ", ".join(f"{axis}={value:g}" for axis, value in report.best.point.items())
         announce(f"setup {name}: selected {point} ({plan.criterion} {report.best.mean:.4g})")
         for warning in report.warnings:
-            announce(f"setup {name}: warning: {warning}")
+            # The grid options belong to stepcli sweep, which tunes one setup further.
+            announce(f"setup {name}: warning: {warning} of 'stepcli sweep {name}'")
 
     configs = [
         replace(plan.base, setup=name, seed=seed, **point).resolved()

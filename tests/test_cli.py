@@ -164,3 +164,13 @@ def test_missing_data_one_line(cli, tmp_path):
     assert len(error_lines) == 1
     assert str(empty) in error_lines[0]
     assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_mistyped_data_dir_left_absent(cli, tmp_path):
+    mistyped = tmp_path / "mnsit" / "nested"
+    done = cli("train", "--allow-cpu", "--data-dir", str(mistyped), "--db", str(tmp_path / "r.db"))
+    assert done.returncode == 1
+    assert str(mistyped) in done.stderr
+    assert not (tmp_path / "mnsit").exists()
+    assert not (tmp_path / "r.db").exists()

@@ -58,6 +58,17 @@ def normalize_url(db: str) -> str:
     return f"sqlite:///{Path(db).expanduser().resolve()}"
 
 
+def check_store_location(db: str) -> None:
+    """Raise ``StoreError`` when ``db`` is an SQLite path that cannot become a store.
+
+    Nothing is created, so commands can check the store before slow work such as loading data
+    and open it afterwards.
+    """
+    url = normalize_url(db)
+    if make_url(url).get_backend_name() == "sqlite":
+        _check_sqlite_path(url)
+
+
 def _check_sqlite_path(url: str) -> None:
     database = make_url(url).database
     if not database or database == ":memory:":
