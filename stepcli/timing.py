@@ -9,29 +9,34 @@ steps run without a host synchronisation; ``pause`` synchronises once per stretc
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 
 class CpuClock:
-    """Wall-clock timer for devices whose kernels run synchronously with the host."""
+    """Wall-clock timer for devices whose kernels run synchronously with the host.
 
-    def __init__(self) -> None:
+    ``timer`` returns seconds from an arbitrary origin; it defaults to ``time.perf_counter``.
+    """
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
         self.total = 0.0
+        self._timer = timer
         self._start: float | None = None
         self._marks: list[float] = []
 
     def resume(self) -> None:
-        self._start = time.perf_counter()
+        self._start = self._timer()
 
     def mark(self) -> None:
-        self._marks.append(time.perf_counter())
+        self._marks.append(self._timer())
 
     def pause(self) -> list[float]:
         """Stop the clock; return the training seconds at each mark since ``resume``."""
         if self._start is None:
             return []
-        end = time.perf_counter()
+        end = self._timer()
         seconds = [self.total + (mark - self._start) for mark in self._marks]
         self.total += end - self._start
         self._start = None

@@ -125,8 +125,10 @@ def _single_tensor_learned_step_size(
         if trace == "gradient":
             h.mul_(gamma).addcmul_(alpha, grad)
         elif trace == "decay":
-            decay = torch.mul(alpha, curvatures[i]).neg_().add_(1.0).clamp_(0.0, 1.0)
-            h.mul_(decay).mul_(gamma).addcmul_(alpha, grad)
+            # d h is computed as h - shrink h with shrink = min(alpha c, 1). The curvature is
+            # a moving average of squares, so alpha c >= 0 and d = 1 - shrink is at most 1.
+            shrink = torch.mul(alpha, curvatures[i]).clamp_max_(1.0)
+            h.addcmul_(h, shrink, value=-1.0).mul_(gamma).addcmul_(alpha, grad)
         else:
             h.addcmul_(alpha, hvps[i], value=-1.0).mul_(gamma).addcmul_(alpha, grad)
 
@@ -161,8 +163,8 @@ def _multi_tensor_learned_step_size(
         g_params, g_grads, g_log_lrs, g_traces, g_momenta, g_curvatures, g_hvps = group
 
         # Cost: 16 elementwise passes over the weights for "gradient", 17 for "hvp" and
-        # 22 for "decay". At most two temporaries are alive at once (z and the meta
-        # direction, then alpha and the decay), so the peak extra memory is two
+        # 19 for "decay". At most two temporaries are alive at once (z and the meta
+        # direction, then alpha and the shrink factor), so the peak extra memory is two
         # parameter-sized buffers.
         z = torch._foreach_mul(g_grads, g_traces)
         if meta_lr != 0:
@@ -181,13 +183,10 @@ def _multi_tensor_learned_step_size(
         if trace == "gradient":
             torch._foreach_mul_(g_traces, gamma)
         elif trace == "decay":
-            decays = torch._foreach_mul(alphas, g_curvatures)
-            torch._foreach_neg_(decays)
-            torch._foreach_add_(decays, 1.0)
-            torch._foreach_clamp_min_(decays, 0.0)
-            torch._foreach_clamp_max_(decays, 1.0)
-            torch._foreach_mul_(g_traces, decays)
-            del decays
+            shrinks = torch._foreach_mul(alphas, g_curvatures)
+            torch._foreach_clamp_max_(shrinks, 1.0)
+            torch._foreach_addcmul_(g_traces, g_traces, shrinks, value=-1.0)
+            del shrinks
             torch._foreach_mul_(g_traces, gamma)
         else:
             torch._foreach_addcmul_(g_traces, alphas, g_hvps, value=-1.0)

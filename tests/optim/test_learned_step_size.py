@@ -191,6 +191,26 @@ def test_foreach_matches_single_tensor(trace):
     assert not torch.allclose(single.step_sizes()[0], torch.full((4, 3), 0.05, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("trace", RULES)
+def test_foreach_bit_identical_in_float64(trace):
+    # On the CPU both kernels run the same per-tensor ops in the same order, so every state
+    # tensor must match exactly, not only to rounding.
+    params_foreach = _make_params()
+    params_single = _make_params()
+    kwargs = {"trace": trace, "curvature_every": 2, "meta_lr": 0.05, "alpha0": 0.05}
+    foreach = LearnedStepSize(params_foreach, foreach=True, **kwargs)
+    single = LearnedStepSize(params_single, foreach=False, **kwargs)
+
+    _run_steps(params_foreach, foreach, steps=8)
+    _run_steps(params_single, single, steps=8)
+
+    for a, b in zip(params_foreach, params_single, strict=True):
+        assert torch.equal(a, b)
+        for key, value in foreach.state[a].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, single.state[b][key]), key
+
+
 def test_foreach_matches_single_tensor_mixed_dtypes():
     dtypes = (torch.float32, torch.float64, torch.float32)
     params_foreach = _make_params(dtypes)
