@@ -279,7 +279,7 @@ def _print_report(report: SweepReport, output: str) -> None:
                 **{axis: format_cell(float(v)) for axis, v in row.point.items()},
                 f"{report.criterion} (mean ± std)": value,
                 "diverged": f"{row.diverged}/{seeds}",
-                "runs": ",".join(str(s.run_id) if s.run_id else "-" for s in row.seeds),
+                "run ids": ",".join(str(s.run_id) if s.run_id else "-" for s in row.seeds),
                 "best": "best" if row.best else "",
             }
         )

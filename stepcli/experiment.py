@@ -116,7 +116,7 @@ def run_experiment(
         announce(f"setup {name}: selected {point} ({plan.criterion} {report.best.mean:.4g})")
         for warning in report.warnings:
             # The grid options belong to stepcli sweep, which tunes one setup further.
-            announce(f"setup {name}: warning: {warning} of 'stepcli sweep {name}'")
+            announce(f"setup {name}: warning: {warning} in 'stepcli sweep {name}'")
 
     configs = [
         replace(plan.base, setup=name, seed=seed, **point).resolved()

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sqlite3
 import uuid
+import warnings
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from stepcli.config import TrainConfig
@@ -26,9 +30,9 @@ from stepcli.report import (
     plots,
 )
 from stepcli.report.export import export_table
-from stepcli.report.figures import FIGURES
+from stepcli.report.figures import FIGURES, loss_vs_step_figure, sweep_figure
 from stepcli.report.stats import mean_ci, moving_average, t_quantile_975
-from stepcli.report.style import report_style
+from stepcli.report.style import LINE_STYLES, group_line_styles, report_style
 from stepcli.store import Sweep, create_run, finish_run, open_store, utcnow, write_rows
 
 FIGURE_FILES = (
@@ -194,6 +198,87 @@ def add_sweep(store, target: str = "1") -> int:
     return sweep_id
 
 
+def add_grid_sweep(store, target: str, seeds: int) -> int:
+    """Insert a finished alpha0 x meta_lr sweep of 3 x 3 configurations.
+
+    At alpha0 = 0.03 and meta_lr = 0.3 the first seed diverges, as in a real sweep of setups
+    2-6. The criterion falls with alpha0 and differs a little between seeds.
+    """
+    alphas, meta_lrs = (0.03, 0.1, 0.3), (0.03, 0.1, 0.3)
+
+    def work(session):
+        sweep = Sweep(
+            target=target,
+            grid={"alpha0": list(alphas), "meta_lr": list(meta_lrs)},
+            seeds=list(range(seeds)),
+            criterion="train-loss",
+            settings={"epochs": 1},
+            status="finished",
+            best_config={"alpha0": 0.3, "meta_lr": 0.1},
+            best_value=0.8,
+            created_at=utcnow(),
+        )
+        session.add(sweep)
+        session.flush()
+        return sweep.id
+
+    sweep_id = store.write(work)
+    for alpha0 in alphas:
+        for meta_lr in meta_lrs:
+            for seed in range(seeds):
+                diverged = alpha0 == 0.03 and meta_lr == 0.3 and seed == 0
+                value = 0.7 / alpha0**0.3 + 0.05 * seed + meta_lr / 10
+                add_run(
+                    store,
+                    target,
+                    seed,
+                    [2.3, 1.5, 1e6 if diverged else value],
+                    status="diverged" if diverged else "finished",
+                    optimizer="learned-gradient",
+                    final_train_loss=None if diverged else value,
+                    hparams={"alpha0": alpha0, "meta_lr": meta_lr, "epochs": 1},
+                    kind="sweep",
+                    sweep_id=sweep_id,
+                )
+    return sweep_id
+
+
+def add_experiment_runs(store) -> None:
+    """Insert train runs of setups 1-6 with 3 seeds that end at different times, a diverged
+    and an interrupted seed, and a single-seed setup."""
+    rng = np.random.default_rng(0)
+    for setup_index, setup in enumerate(("1", "2", "3", "4", "5", "6")):
+        for seed in range(3):
+            losses = 2.3 * np.exp(-np.linspace(0, 1.5 - 0.1 * setup_index, 16))
+            losses *= 1 + 0.1 * rng.standard_normal(16)
+            status = "finished"
+            if setup == "4" and seed == 2:
+                losses[-4:] = [40.0, 900.0, 5e3, math.nan]
+                status = "diverged"
+            add_run(
+                store,
+                setup,
+                seed,
+                list(losses),
+                status=status,
+                optimizer="adam" if setup == "1" else "learned-gradient",
+                final_train_loss=float(losses[-1]) if status == "finished" else None,
+            )
+    add_run(store, "2", 3, [2.3, 2.0, 1.8], status="interrupted", optimizer="learned-gradient")
+    add_run(store, "adam-half", 0, [2.3, 1.9, 1.2, 0.9], final_train_loss=0.9)
+
+
+def sweep_store(path, sweeps: int):
+    """Return a store with the experiment runs, an lr sweep of setup 1 and ``sweeps - 1``
+    alpha0 x meta_lr sweeps of setups 2, 3, …"""
+    store = open_store(str(path))
+    add_experiment_runs(store)
+    add_sweep(store, "1")
+    for target in ("2", "3", "4", "5", "6")[: sweeps - 1]:
+        add_grid_sweep(store, target, seeds=1 if sweeps == 2 else 3)
+    return store
+
+
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory, mnist_cpu):
     """A store with real runs of setups 1-4 (2 seeds for 1 and 2), a diverged and an
@@ -248,13 +333,18 @@ def read_export(path) -> pd.DataFrame:
 
 
 def assert_not_blank(figure: Figure) -> None:
-    """Assert that every visible panel draws something or shows a "no data" text."""
+    """Assert that every visible panel draws something or shows a "no data" text.
+
+    An axes without axis lines that holds only a legend (the marker key of the sweep figure)
+    counts as drawn.
+    """
     for ax in figure.axes:
         if not ax.get_visible():
             continue
         drawn = bool(ax.lines or ax.collections or ax.patches)
         no_data = any(text.get_text().startswith("no data") for text in ax.texts)
-        assert drawn or no_data, f"blank panel {ax.get_title()!r}"
+        legend_row = not ax.axison and ax.get_legend() is not None
+        assert drawn or no_data or legend_row, f"blank panel {ax.get_title()!r}"
 
 
 # Figures and files.
@@ -360,6 +450,140 @@ def test_zero_loss_clipped_on_log_axis(tmp_path):
     assert ax.get_ylim()[0] > 0
 
 
+@pytest.mark.parametrize("sweeps", [2, 6])
+def test_report_raises_no_layout_warning(tmp_path, sweeps):
+    store = sweep_store(tmp_path / "sweeps.db", sweeps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        build_report(store, tmp_path / "out")
+    store.dispose()
+    assert (tmp_path / "out" / "sweep_sensitivity.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("sweeps", [2, 6])
+def test_sweep_panels_keep_their_size(tmp_path, sweeps):
+    store = sweep_store(tmp_path / "sweeps.db", sweeps)
+    data = load_report_data(store)
+    store.dispose()
+    with report_style():
+        figure = sweep_figure(data)
+        figure.savefig(io.BytesIO(), format="png")
+    width, height = figure.get_size_inches()
+    panels = [ax for ax in figure.axes if ax.get_visible() and ax.axison]
+    assert len(panels) == sweeps
+    for ax in panels:
+        box = ax.get_position()
+        assert box.width * width > 3.0, ax.get_title()
+        assert box.height * height > 2.0, ax.get_title()
+
+
+def test_sweep_log_axes_label_no_minor_ticks(tmp_path):
+    store = sweep_store(tmp_path / "sweeps.db", 2)
+    data = load_report_data(store)
+    store.dispose()
+    with report_style():
+        figure = sweep_figure(data)
+        figure.savefig(io.BytesIO(), format="png")
+    panels = [ax for ax in figure.axes if ax.get_visible() and ax.axison]
+    for ax in panels:
+        assert ax.get_xscale() == "log", ax.get_title()
+        assert isinstance(ax.xaxis.get_minor_formatter(), ticker.NullFormatter), ax.get_title()
+        labels = [label.get_text() for label in ax.get_xticklabels()]
+        assert all("\\times" not in label for label in labels), labels
+    alpha0_labels = [label.get_text() for label in panels[1].get_xticklabels()]
+    assert alpha0_labels == ["0.03", "0.1", "0.3"]
+
+
+def test_sweep_legends_outside_panels(tmp_path):
+    store = sweep_store(tmp_path / "sweeps.db", 6)
+    data = load_report_data(store)
+    store.dispose()
+    with report_style():
+        figure = sweep_figure(data)
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in figure.axes:
+        legend = ax.get_legend()
+        if legend is None or not ax.axison:
+            continue
+        assert legend.get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0
+
+
+def test_loss_legend_counts_every_seed(tmp_path):
+    store = open_store(str(tmp_path / "seeds.db"))
+    for seed in range(2):
+        add_run(store, "1", seed, [2.3, 1.5, 1.0, 0.8])
+    add_run(store, "1", 2, [math.nan] * 4)
+    add_run(store, "2", 0, [2.3, 2.0, 1.8, 1.7], optimizer="learned-gradient")
+    data = load_report_data(store)
+    store.dispose()
+    with report_style():
+        figure = loss_vs_step_figure(data)
+    texts = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert "1: X network, Adam (n=3, mean of 2)" in texts
+    assert any(text.startswith("2: ") and text.endswith("(n=1)") for text in texts)
+    caption = figure.texts[-1].get_text()
+    assert "n: seeds (runs) of the setup" in caption
+    assert "Setup 1: 'mean of k'" in caption
+
+
+def test_loss_bands_stay_inside_axis(tmp_path):
+    store = open_store(str(tmp_path / "band.db"))
+    add_run(store, "1", 0, [2.3, 1.0, 0.5, 0.3])
+    add_run(store, "1", 1, [2.3, 0.1, 0.01, 0.001])
+    data = load_report_data(store, smooth_window=1)
+    store.dispose()
+    means = data.means["step"]
+    assert (means["low"] > 0).all()
+    assert means["mean"].iloc[-1] == pytest.approx(math.sqrt(0.3 * 0.001))
+    with report_style():
+        figure = loss_vs_step_figure(data)
+    ax = figure.axes[0]
+    bottom, top = ax.get_ylim()
+    assert bottom == pytest.approx(0.001 / 1.3)
+    for band in ax.collections:
+        for path in band.get_paths():
+            assert path.vertices[:, 1].min() >= bottom * (1 - 1e-9)
+            assert path.vertices[:, 1].max() <= top * (1 + 1e-9)
+
+
+def test_setups_get_distinct_line_styles(tmp_path):
+    setups = ["1", "2", "3", "4", "5", "6"]
+    styles = group_line_styles(setups, setups)
+    assert len({str(style) for style in styles.values()}) == 6
+    store = open_store(str(tmp_path / "styles.db"))
+    for setup in ("2", "3"):
+        add_run(store, setup, 0, [2.3, 1.5, 1.0], optimizer="learned-gradient")
+    data = load_report_data(store)
+    store.dispose()
+    with report_style():
+        figure = loss_vs_step_figure(data)
+    means = [line for line in figure.axes[0].lines if line.get_label().startswith(("2:", "3:"))]
+    assert [line.get_linestyle() for line in means] == ["--", ":"]
+    assert LINE_STYLES[1:3] == ("--", ":")
+
+
+def test_wall_clock_texts_say_noisy(report_dir, store_path):
+    out, _ = report_dir
+    assert "Timings on a shared or loaded CPU are noisy" in (out / "summary.md").read_text()
+    store = open_store(str(store_path))
+    data = load_report_data(store)
+    store.dispose()
+    with report_style():
+        for name in ("all_experiments_loss_over_time", "convergence_times"):
+            caption = FIGURES[name](data).texts[-1].get_text()
+            assert "shared or loaded CPU are noisy" in caption, name
+
+
+def test_no_data_panel_hides_axis():
+    figure = Figure()
+    ax = figure.subplots()
+    plots.draw_no_data(ax, "no data: nothing")
+    assert not ax.axison
+    assert ax.texts[0].get_text() == "no data: nothing"
+
+
 # The summary table against plain SQL on the same store.
 
 
@@ -424,6 +648,9 @@ def test_default_target_from_setup_1(store_path):
     expected = 1.1 * finals.loc[setup_1["run_id"], "final_smooth_loss"].mean()
     assert data.target.value == pytest.approx(expected)
     assert "1.1 ×" in data.target.description
+    assert "training loss of setup 1 (X network, Adam), over 2 finished runs" in (
+        data.target.description
+    )
 
 
 # Selection rules.

@@ -21,13 +21,13 @@ import pandas as pd  # noqa: E402
 from stepcli.report import frames  # noqa: E402
 from stepcli.report.figures import IMAGE_FORMATS, ReportData, save_figures  # noqa: E402
 from stepcli.report.frames import (  # noqa: E402
+    LOSS_FLOOR,
     SMOOTH_WINDOW,
     NoRunsError,
     SelectionError,
     Target,
 )
-from stepcli.report.plots import LOSS_FLOOR  # noqa: E402
-from stepcli.report.style import group_colors  # noqa: E402
+from stepcli.report.style import group_colors, group_line_styles  # noqa: E402
 from stepcli.report.summary import summary_frame, write_summary  # noqa: E402
 from stepcli.store import Store  # noqa: E402
 
@@ -118,6 +118,8 @@ def load_report_data(
         sweep_means=frames.sweep_means(points),
         colors=group_colors(selection.groups, setups_of_groups),
         labels=labels,
+        line_styles=group_line_styles(selection.groups, setups_of_groups),
+        seed_counts={group: int((runs["group"] == group).sum()) for group in selection.groups},
         smooth_window=smooth_window,
     )
 

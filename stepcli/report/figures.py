@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from stepcli.report import plots
 from stepcli.report.frames import Selection, Target
-from stepcli.report.style import CAPTION_SIZE, report_style
+from stepcli.report.style import CAPTION_SIZE, LineStyle, report_style
 
 IMAGE_FORMATS = ("png", "svg", "pdf")
 
@@ -43,57 +44,40 @@ class ReportData:
     colors: dict[str, str]
     labels: dict[str, str]
     """Legend label per group, in display order."""
+    line_styles: dict[str, LineStyle]
+    seed_counts: dict[str, int]
+    """Selected runs (seeds) per group, the n of the legends and the ``seeds`` column."""
     smooth_window: int
 
 
+WALL_CLOCK_TEXT = (
+    "Wall-clock times on a shared or loaded CPU are noisy, so compare setups timed on the "
+    "same machine under the same load."
+)
+
+
 def loss_over_time_figure(data: ReportData) -> Figure:
-    figure, ax = _single_panel(10, 5.5)
-    plots.plot_loss_curves(
-        data.curves,
-        data.means["seconds"],
-        ax,
-        x="seconds",
-        xlabel="training time (s)",
-        colors=data.colors,
-        labels=data.labels,
-    )
+    figure = _loss_figure(data, "seconds", "training time (s)")
     figure.suptitle("Training loss against wall-clock training time")
     _caption(
         figure,
         f"{_smoothing_text(data.smooth_window)} Training time counts only the training steps "
         "(evaluation and store writes excluded). Each seed's curve is interpolated linearly "
-        f"onto a common time grid. {_band_text()}",
+        "onto a common time grid, and seeds end at different times, so the mean stops where "
+        f"the first seed ends. {_band_text(data, 'seconds')} {WALL_CLOCK_TEXT}",
     )
     return figure
 
 
 def loss_vs_step_figure(data: ReportData) -> Figure:
-    figure, ax = _single_panel(10, 5.5)
-    plots.plot_loss_curves(
-        data.curves,
-        data.means["step"],
-        ax,
-        x="step",
-        xlabel="optimizer step",
-        colors=data.colors,
-        labels=data.labels,
-    )
+    figure = _loss_figure(data, "step", "optimizer step")
     figure.suptitle("Training loss against optimizer steps")
-    _caption(figure, f"{_smoothing_text(data.smooth_window)} {_band_text()}")
+    _caption(figure, f"{_smoothing_text(data.smooth_window)} {_band_text(data, 'step')}")
     return figure
 
 
 def loss_vs_grad_evals_figure(data: ReportData) -> Figure:
-    figure, ax = _single_panel(10, 5.5)
-    plots.plot_loss_curves(
-        data.curves,
-        data.means["grad_evals"],
-        ax,
-        x="grad_evals",
-        xlabel="gradient evaluations (cumulative)",
-        colors=data.colors,
-        labels=data.labels,
-    )
+    figure = _loss_figure(data, "grad_evals", "gradient evaluations (cumulative)")
     figure.suptitle("Training loss against gradient evaluations")
     _caption(
         figure,
@@ -101,7 +85,23 @@ def loss_vs_grad_evals_figure(data: ReportData) -> Figure:
         "2 on every k-th step (k = curvature_every, a curvature refresh with sampled labels) "
         "and 1 otherwise for the Hessian-decay setups (3, 6), so 1 + 1/k on average; 2 for "
         "the Hessian-signal setup 4, counting one Hessian-vector product as one gradient "
-        f"evaluation. {_smoothing_text(data.smooth_window)} {_band_text()}",
+        f"evaluation. {_smoothing_text(data.smooth_window)} {_band_text(data, 'grad_evals')}",
+    )
+    return figure
+
+
+def _loss_figure(data: ReportData, x: str, xlabel: str) -> Figure:
+    figure, ax = _single_panel(10, 5.5)
+    plots.plot_loss_curves(
+        data.curves,
+        data.means[x],
+        ax,
+        x=x,
+        xlabel=xlabel,
+        colors=data.colors,
+        labels=data.labels,
+        line_styles=data.line_styles,
+        seed_counts=data.seed_counts,
     )
     return figure
 
@@ -125,35 +125,69 @@ def convergence_figure(data: ReportData) -> Figure:
         "A NaN loss never counts as reaching it. The mean and its 95% t-interval over seeds "
         "are drawn only when every seed reached the target; otherwise the seeds that did "
         "are dots and the rest are counted as not reached. Interval bars that reach the edge of "
-        "the axis continue beyond it.",
+        f"the axis continue beyond it. {WALL_CLOCK_TEXT}",
     )
     return figure
 
 
 def sweep_figure(data: ReportData) -> Figure:
     sweeps = list(data.sweeps.itertuples())
-    columns = min(3, max(len(sweeps), 1))
-    rows = max(math.ceil(len(sweeps) / columns), 1)
-    figure = Figure(figsize=(5.2 * columns, 4.2 * rows), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    points = data.sweep_points
+    figure, axes, legend_ax = _sweep_grid(
+        len(sweeps), with_line_legends=bool((points["line_name"] != "").any())
+    )
     if not sweeps:
         plots.draw_no_data(axes[0], "no data: no sweep in the store for these setups")
     for ax, sweep in zip(axes, sweeps, strict=False):
-        points = data.sweep_points[data.sweep_points["sweep_id"] == sweep.sweep_id]
-        means = data.sweep_means[data.sweep_means["sweep_id"] == sweep.sweep_id]
-        title = f"setup {sweep.target}: sweep {sweep.sweep_id} ({sweep.status})"
-        plots.plot_sweep_sensitivity(points, means, ax, title=title)
-    for ax in axes[len(sweeps) :] if sweeps else axes[1:]:
+        plots.plot_sweep_sensitivity(
+            points[points["sweep_id"] == sweep.sweep_id],
+            data.sweep_means[data.sweep_means["sweep_id"] == sweep.sweep_id],
+            ax,
+            title=f"setup {sweep.target}: sweep {sweep.sweep_id} ({sweep.status})",
+        )
+    for ax in axes[max(len(sweeps), 1) :]:
         ax.set_visible(False)
+
+    if points.empty:
+        legend_ax.set_visible(False)
+    else:
+        handles, texts = plots.sweep_legend(points)
+        legend_ax.legend(handles, texts, loc="center", ncol=len(texts))
     figure.suptitle("Sweep sensitivity: selection criterion against the swept hyperparameters")
     _caption(
         figure,
         "Criterion per run (by default the mean minibatch loss over the last epoch). Lines: "
-        "mean over finished seeds of each configuration with no diverged seed, ± 95% "
-        "t-interval; dots: single seeds; x at the top: a diverged seed; star: the "
-        "configuration the sweep selected.",
+        "mean over the finished seeds of each configuration with no diverged seed, with its "
+        "95% t-interval (none with one seed); interval bars that reach the edge of the axis "
+        "continue beyond it, because the y range fits the dots and means. Dots: single "
+        "seeds; x in the strip at the top: a diverged seed; star: the configuration the "
+        "sweep selected.",
     )
     return figure
+
+
+def _sweep_grid(panels: int, *, with_line_legends: bool) -> tuple[Figure, list[Axes], Axes]:
+    """Return a figure sized for ``panels`` sweep panels (3 per row), its panel axes in
+    reading order, and an axes without axis lines for the marker legend under them."""
+    columns = min(3, max(panels, 1))
+    rows = max(math.ceil(panels / columns), 1)
+    # A panel with a second swept hyperparameter has a legend of its values below it.
+    legend_height = 0.8 if with_line_legends else 0.0
+    figure = Figure(
+        figsize=(max(4.6 * columns, 7.0), (3.4 + legend_height) * rows + 0.8),
+        layout="constrained",
+    )
+    figure.get_layout_engine().set(w_pad=0.08, h_pad=0.12, wspace=0.04, hspace=0.06)
+
+    # The marker legend gets a row of its own. A figure legend would be anchored to the
+    # figure's box, which savefig's tight bounding box extends down over the caption.
+    grid = figure.add_gridspec(rows + 1, columns, height_ratios=[1.0] * rows + [0.08])
+    axes = [
+        figure.add_subplot(grid[row, column]) for row in range(rows) for column in range(columns)
+    ]
+    legend_ax = figure.add_subplot(grid[rows, :])
+    legend_ax.set_axis_off()
+    return figure, axes, legend_ax
 
 
 def step_size_figure(data: ReportData) -> Figure:
@@ -192,7 +226,13 @@ def accuracy_figure(data: ReportData) -> Figure:
     figure = Figure(figsize=(12, 1.8 + 0.55 * max(len(data.labels), 4)), layout="constrained")
     left, right = figure.subplots(1, 2, width_ratios=[1, 1.3])
     short = {group: f"setup {group}" for group in data.labels}
-    plots.plot_accuracy_curves(data.accuracy_curves, left, colors=data.colors, labels=short)
+    plots.plot_accuracy_curves(
+        data.accuracy_curves,
+        left,
+        colors=data.colors,
+        labels=short,
+        line_styles=data.line_styles,
+    )
     if left.get_legend_handles_labels()[0]:
         left.legend(loc="lower right")
     plots.plot_final_accuracy(
@@ -264,9 +304,25 @@ def _smoothing_text(window: int) -> str:
     return f"Minibatch loss smoothed with a trailing moving average over {window} steps."
 
 
-def _band_text() -> str:
-    return (
-        "Bold line: mean over seeds on the range every seed covers; band: 95% t-interval over "
-        "seeds (none with one seed); thin lines: single seeds. Losses at or below 0 are drawn "
-        f"at {plots.LOSS_FLOOR:g}."
+def _band_text(data: ReportData, x: str) -> str:
+    text = (
+        "Bold line: geometric mean over seeds (the mean of the log-loss) on the range every "
+        "seed covers; band: its 95% t-interval, computed on the log-loss so it stays positive, "
+        "clipped to the axis, none with one seed; thin lines: single seeds over their whole "
+        "length, a dot at each seed's last point. n: seeds (runs) of the setup. Losses at or "
+        f"below 0 are drawn at {plots.LOSS_FLOOR:g}."
     )
+    means = data.means[x]
+    partial = []
+    for group in data.labels:
+        count = data.seed_counts.get(group, 0)
+        in_mean = means.loc[means["group"] == group, "seeds"]
+        if not in_mean.empty and int(in_mean.max()) < count:
+            partial.append(group)
+    if partial:
+        text += (
+            f" Setup {', '.join(partial)}: 'mean of k' counts the seeds in the mean, because "
+            "a seed with no finite loss, or with no range in common with the others, is left "
+            "out of it."
+        )
+    return text

@@ -36,6 +36,9 @@ REFERENCE_SETUP = "1"
 """Setup whose finished runs set the default target loss (tuned Adam on the X network)."""
 GRID_POINTS = 400
 """Points of the common x grid onto which each seed's curve is interpolated."""
+LOSS_FLOOR = 1e-12
+"""Smallest loss drawn on a log axis and averaged as a log. Losses at or below it, such as 0,
+count as this value."""
 SELECTED_STATUSES = ("finished", "diverged")
 """Statuses that the default and sweep selections report; other runs are counted in a note."""
 GROUP_KEYS = (
@@ -334,45 +337,58 @@ def curve_frame(steps: pd.DataFrame, runs: pd.DataFrame, window: int) -> pd.Data
     return pd.concat(parts, ignore_index=True).drop(columns=["optimizer", "hparams"])
 
 
-def mean_curves(curves: pd.DataFrame, x: str, y: str = "smooth_loss") -> pd.DataFrame:
-    """Return each group's mean curve of ``y`` against ``x`` with a 95% t-band over seeds.
+def mean_curves(
+    curves: pd.DataFrame, x: str, y: str = "smooth_loss", floor: float = LOSS_FLOOR
+) -> pd.DataFrame:
+    """Return each group's geometric mean curve of ``y`` against ``x`` with a 95% t-band.
 
-    Each seed's curve is interpolated linearly onto a common grid of ``GRID_POINTS`` points
-    that spans the x range all seeds cover: from the latest first point to the earliest last
-    point with a finite ``y``. Seeds with no finite point are left out. When some seeds do
-    not overlap the others (a run of one step, say), the seeds that end last and still
-    overlap are kept. Columns: ``group``, ``x``, ``mean``, ``low``, ``high``, ``seeds``.
+    Each seed's curve of max(y, ``floor``) is interpolated linearly onto a common grid of
+    ``GRID_POINTS`` points. The mean and its t-interval are computed on the log of those
+    values and mapped back with exp, so the line is the geometric mean over seeds and the
+    band is positive and symmetric on a log axis. The grid spans the x range all seeds
+    cover: from the latest first point to the earliest last point with a finite ``y``.
+    Seeds with no finite point are left out. When some seeds do not overlap the others (a
+    run of one step, say), the seeds that end last and still overlap are kept. A grid point
+    where some kept seed has no finite value (a NaN inside its smoothing window) gets a NaN
+    mean, so every drawn point averages the same seeds.
+
+    Columns: ``group``, ``x``, ``mean``, ``low``, ``high`` and ``seeds``, the number of
+    seeds in the mean.
     """
     rows = []
     for group, part in curves.groupby("group", sort=False):
         seeds = []
         for _, run in part.groupby("run_id", sort=False):
             run = run[np.isfinite(run[x])].sort_values(x)
-            finite = np.isfinite(run[y].to_numpy())
+            values = run[y].to_numpy(dtype=float)
+            finite = np.isfinite(values)
             if not finite.any():
                 continue
             xs = run[x].to_numpy(dtype=float)
-            seeds.append((xs[finite][0], xs[finite][-1], xs, run[y].to_numpy(dtype=float)))
+            seeds.append((xs[finite][0], xs[finite][-1], xs, np.clip(values, floor, None)))
         overlapping = _overlapping(seeds)
         if not overlapping:
             continue
         start = max(seed[0] for seed in overlapping)
         end = min(seed[1] for seed in overlapping)
         grid = np.linspace(start, end, GRID_POINTS) if end > start else np.array([start])
-        matrix = np.vstack([np.interp(grid, seed[2], seed[3]) for seed in overlapping])
-        mean, half_width, count = mean_ci_columns(matrix)
-        rows.append(
-            pd.DataFrame(
-                {
-                    "group": group,
-                    "x": grid,
-                    "mean": mean,
-                    "low": mean - half_width,
-                    "high": mean + half_width,
-                    "seeds": count,
-                }
+        matrix = np.log(np.vstack([np.interp(grid, seed[2], seed[3]) for seed in overlapping]))
+        mean_log, half_width, count = mean_ci_columns(matrix)
+        mean_log = np.where(count == len(overlapping), mean_log, math.nan)
+        # A band wider than the float range becomes inf and is clipped to the axis when drawn.
+        with np.errstate(over="ignore"):
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "group": group,
+                        "x": grid,
+                        "mean": np.exp(mean_log),
+                        "low": np.exp(mean_log - half_width),
+                        "high": np.exp(mean_log + half_width),
+                        "seeds": len(overlapping),
+                    }
+                )
             )
-        )
     if not rows:
         return _empty_frame(
             group="object",
@@ -406,13 +422,25 @@ def default_target(
     means = pool.groupby("group")["final_smooth_loss"].agg(["mean", "count"])
     group = means["mean"].idxmin()
     value = tolerance * float(means.loc[group, "mean"])
-    label = runs.loc[runs["group"] == group, "label"].iloc[0]
     count = int(means.loc[group, "count"])
     description = (
         f"target loss {value:.4g} = {tolerance:g} × mean final smoothed training loss of "
-        f"{label} ({count} finished run{'s' if count != 1 else ''})"
+        f"{group_name(runs, group)}, over {count} finished run{'s' if count != 1 else ''}"
     )
     return Target(value, description)
+
+
+def group_name(runs: pd.DataFrame, group: str) -> str:
+    """Return a group's name for running text: ``setup 1 (X network, Adam)``.
+
+    The settings that tell the configurations of one setup apart follow the title:
+    ``setup 2 (X network, …; alpha0=0.1, meta_lr=0.3)``.
+    """
+    row = runs.loc[runs["group"] == group].iloc[0]
+    setup, title = str(row["setup"]), str(row["title"])
+    settings = group[len(setup) :].strip().removeprefix("(").removesuffix(")")
+    details = "; ".join(part for part in (title, settings) if part)
+    return f"setup {setup} ({details})" if details else f"setup {setup}"
 
 
 def final_smoothed_loss(curves: pd.DataFrame) -> pd.DataFrame:

@@ -15,19 +15,25 @@ import pandas as pd
 from matplotlib import ticker
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
-from matplotlib.transforms import blended_transform_factory
+from matplotlib.transforms import blended_transform_factory, offset_copy
 
-from stepcli.report.frames import Target
-from stepcli.report.style import BAND_ALPHA, SEED_ALPHA
+from stepcli.report.frames import LOSS_FLOOR, Target
+from stepcli.report.style import BAND_ALPHA, MEAN_LINEWIDTH, SEED_ALPHA, LineStyle
 
-LOSS_FLOOR = 1e-12
-"""Smallest loss drawn on a log axis. Losses at or below it, such as 0, are drawn at it."""
 NO_DATA_COLOR = "0.45"
 NOT_REACHED_COLOR = "#b22222"
+SWEEP_SEED_ALPHA = 0.35
+"""Opacity of the single-seed dots of the sweep panels."""
+SWEEP_LEGEND_OFFSET = 30
+"""Distance in points from the bottom of a sweep panel down to its legend: one line of tick
+labels and the x label at the sizes of ``style.RC_PARAMS``."""
 
 
 def draw_no_data(ax: Axes, reason: str = "no data") -> None:
-    """Write ``reason`` in the centre of ``ax`` and hide its ticks."""
+    """Write ``reason`` in the centre of ``ax`` and hide its spines, ticks and grid.
+
+    The title stays, so a panel in a grid still names what it would show.
+    """
     ax.text(
         0.5,
         0.5,
@@ -39,9 +45,7 @@ def draw_no_data(ax: Axes, reason: str = "no data") -> None:
         color=NO_DATA_COLOR,
         fontsize=10,
     )
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
+    ax.set_axis_off()
 
 
 def plot_loss_curves(
@@ -53,19 +57,28 @@ def plot_loss_curves(
     xlabel: str,
     colors: Mapping[str, str],
     labels: Mapping[str, str],
+    line_styles: Mapping[str, LineStyle] | None = None,
+    seed_counts: Mapping[str, int] | None = None,
 ) -> None:
     """Draw each group's mean smoothed loss against ``x`` with its 95% band and its seeds.
 
-    Thin lines are single seeds over their whole length. The bold line is the mean over
-    seeds on the x range that all of them cover. An ``x`` marks the last finite point of a
-    diverged run, at the top edge when that point lies above the axis. The y range fits the
-    means and the runs that did not diverge, so one exploding run cannot flatten the rest.
+    Thin lines are single seeds over their whole length, each with a dot at its last point.
+    An ``x`` marks the last finite point of a diverged run instead, at the top edge when
+    that point lies above the axis. The bold line is the geometric mean over the seeds that
+    cover a common x range (``frames.mean_curves``). The legend's n is ``seed_counts[group]``
+    (by default the runs of the group in ``curves``), followed by "mean of k" when the mean
+    covers fewer seeds. The y range fits the means and the runs that did not diverge, never
+    the bands, so one exploding run or a wide band cannot flatten the rest, and the bands
+    are clipped to that range.
     """
-    drawn = False
+    line_styles = line_styles or {}
     kept_values: list[np.ndarray] = []
     diverged_values: list[np.ndarray] = []
     markers: list[tuple[float, float, str]] = []
+    ends: list[tuple[float, float, str]] = []
+    bands: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
     empty_groups: list[str] = []
+    drawn_mean = False
     for group, label in labels.items():
         color = colors[group]
         seeds = curves[curves["group"] == group]
@@ -81,46 +94,81 @@ def plot_loss_curves(
             diverged = run["status"].iloc[0] == "diverged"
             (diverged_values if diverged else kept_values).append(ys_drawn[finite])
             ax.plot(xs, ys_drawn, color=color, alpha=SEED_ALPHA, linewidth=0.8)
-            if finite.sum() == 1:
-                ax.plot(xs[finite], ys_drawn[finite], "o", color=color, alpha=0.6, markersize=4)
-            if diverged:
-                last = np.flatnonzero(finite)[-1]
-                markers.append((xs[last], ys_drawn[last], color))
+            last = np.flatnonzero(finite)[-1]
+            (markers if diverged else ends).append((xs[last], ys_drawn[last], color))
         if not finite_seeds:
             empty_groups.append(label)
+
         mean = means[means["group"] == group]
-        finite_mean = mean[np.isfinite(mean["mean"])]
-        if finite_mean.empty:
+        if not np.isfinite(mean["mean"]).any():
             continue
-        count = int(mean["seeds"].max())
+        count = seed_counts[group] if seed_counts else int(seeds["run_id"].nunique())
+        in_mean = int(mean["seeds"].max())
+        n_text = f"n={count}" if in_mean >= count else f"n={count}, mean of {in_mean}"
         mean_values = np.clip(mean["mean"].to_numpy(dtype=float), LOSS_FLOOR, None)
         if not (seeds["status"] == "diverged").any():
             kept_values.append(mean_values[np.isfinite(mean_values)])
-        style = "-o" if len(mean) == 1 else "-"
-        ax.plot(mean["x"], mean_values, style, color=color, label=f"{label} (n={count})")
-        low = np.clip(mean["low"].to_numpy(dtype=float), LOSS_FLOOR, None)
-        high = np.clip(mean["high"].to_numpy(dtype=float), LOSS_FLOOR, None)
+        xs = mean["x"].to_numpy(dtype=float)
+        ax.plot(
+            xs,
+            mean_values,
+            color=color,
+            linestyle=line_styles.get(group, "-"),
+            linewidth=MEAN_LINEWIDTH,
+            marker="o" if len(mean) == 1 else None,
+            label=f"{label} ({n_text})",
+        )
+        drawn_mean = True
+        low = mean["low"].to_numpy(dtype=float)
         if np.isfinite(low).any():
-            ax.fill_between(mean["x"], low, high, color=color, alpha=BAND_ALPHA, linewidth=0)
-        drawn = True
+            bands.append((xs, low, mean["high"].to_numpy(dtype=float), color))
     if not kept_values and not diverged_values:
         draw_no_data(ax, "no data: no run has a finite training loss")
         return
+
+    # The limits come from the lines, so the bands and markers are drawn after them.
     ax.set_yscale("log")
     _set_log_limits(ax, np.concatenate(kept_values or diverged_values))
-    top = ax.get_ylim()[1]
+    bottom, top = ax.get_ylim()
+    for xs, low, high, color in bands:
+        ax.fill_between(
+            xs,
+            np.clip(low, bottom, top),
+            np.clip(high, bottom, top),
+            color=color,
+            alpha=BAND_ALPHA,
+            linewidth=0,
+        )
+    for x_value, y_value, color in ends:
+        ax.plot(x_value, y_value, "o", color=color, alpha=0.7, markersize=3)
     for x_value, y_value, color in markers:
-        ax.plot(x_value, min(y_value, top), "x", color=color, ms=8, mew=2, clip_on=False)
+        (marker,) = ax.plot(
+            x_value, min(y_value, top), "x", color=color, ms=8, mew=2, clip_on=False
+        )
+        marker.set_in_layout(False)
     format_log_axis(ax.yaxis)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("training loss (smoothed, log scale)")
+    _add_loss_legend(ax, drawn_mean=drawn_mean, diverged=bool(markers), empty_groups=empty_groups)
+
+
+def _add_loss_legend(
+    ax: Axes, *, drawn_mean: bool, diverged: bool, empty_groups: Sequence[str]
+) -> None:
+    """Put the legend of a loss panel to the right of it: the mean lines, then the marker key
+    and one entry per group that has no finite loss."""
     handles, texts = ax.get_legend_handles_labels()
-    if markers:
-        handles.append(Line2D([], [], color="0.3", marker="x", linestyle="", mew=2))
-        texts.append("run diverged (last finite point)")
-    if not drawn:
+    if drawn_mean:
+        handles.append(
+            Line2D([], [], color="0.3", alpha=SEED_ALPHA + 0.2, lw=0.8, marker="o", ms=3)
+        )
+        texts.append("single seed, dot at its last point")
+    else:
         handles.append(Line2D([], [], color="0.3", alpha=SEED_ALPHA))
         texts.append("single seeds (no common range for a mean)")
+    if diverged:
+        handles.append(Line2D([], [], color="0.3", marker="x", linestyle="", mew=2))
+        texts.append("run diverged (last finite point)")
     for label in empty_groups:
         handles.append(Line2D([], [], color=NO_DATA_COLOR, linestyle=":"))
         texts.append(f"{label}: no finite loss, not drawn")
@@ -146,7 +194,9 @@ def format_log_axis(axis: object) -> None:
     plain = ticker.FuncFormatter(lambda value, _: plain_number(value))
     axis.set_major_formatter(plain)
     if low > 0 and high / low < 30:
-        axis.set_minor_locator(ticker.LogLocator(subs=(2.0, 3.0, 5.0)))
+        # Less than about half a decade shows too few of 2, 3 and 5 to read values off.
+        subs = (1.5, 2.0, 3.0, 4.0, 5.0, 7.0) if high / low < 4 else (2.0, 3.0, 5.0)
+        axis.set_minor_locator(ticker.LogLocator(subs=subs))
         axis.set_minor_formatter(plain)
     else:
         axis.set_minor_formatter(ticker.NullFormatter())
@@ -225,65 +275,38 @@ def plot_sweep_sensitivity(
     """Draw the sweep criterion against the swept hyperparameter, one line per second one.
 
     Dots are finished seeds, lines join the mean of configurations with no diverged seed,
-    with 95% CI bars, and an ``x`` at the top of the axis marks each diverged seed. A star
-    marks the configuration the sweep selected.
+    with 95% CI bars, and an ``x`` in a strip at the top of the axis marks each diverged
+    seed. A star marks the configuration the sweep selected. The y range fits the dots and
+    the means, not the bars, and leaves the top strip free. The values of the second
+    hyperparameter get a legend below the panel. The markers are explained once per figure
+    by ``sweep_legend``.
     """
     ax.set_title(title)
     if points.empty:
         draw_no_data(ax, "no data: the sweep has no finished runs")
         return
-    x_name = points["x_name"].iloc[0]
+
     line_name = points["line_name"].iloc[0]
     lines = sorted(points["line"].dropna().unique()) or [math.nan]
-    palette = _line_colors(len(lines))
-    top = blended_transform_factory(ax.transData, ax.transAxes)
     finished = points[(points["status"] == "finished") & np.isfinite(points["value"])]
-    for index, (color, line) in enumerate(zip(palette, lines, strict=True)):
-        in_line = _same_line(points, line)
-        seeds = finished[_same_line(finished, line)]
-        line_means = means[_same_line(means, line)]
-        label = f"{line_name}={line:g}" if line_name else "mean over seeds"
-        ax.plot(seeds["x"], seeds["value"], "o", color=color, alpha=0.35, ms=4)
-        eligible = line_means[line_means["eligible"]]
-        if not eligible.empty:
-            error = np.vstack(
-                [eligible["mean"] - eligible["low"], eligible["high"] - eligible["mean"]]
-            )
-            ax.errorbar(
-                eligible["x"],
-                eligible["mean"],
-                yerr=np.nan_to_num(error),
-                fmt="-o",
-                color=color,
-                capsize=3,
-                ms=5,
-                label=label,
-            )
-        # Each line's diverged markers get their own height, so equal x values stay visible.
-        diverged = points[in_line & (points["status"] == "diverged")]
-        ax.plot(
-            diverged["x"],
-            np.full(len(diverged), 0.97 - 0.05 * index),
-            "x",
-            color=color,
-            ms=8,
-            mew=2,
-            transform=top,
-            clip_on=False,
-        )
+    drawn_values = [finished["value"].to_numpy(dtype=float)]
+    for index, (color, line) in enumerate(zip(_line_colors(len(lines)), lines, strict=True)):
+        label = f"{line:g}" if line_name else "mean over seeds"
+        drawn_values.append(_draw_sweep_line(ax, points, means, line, index, color, label))
     best = finished[finished["best"]]
     if not best.empty:
         best_mean = float(best["value"].mean())
         ax.plot(best["x"].iloc[0], best_mean, "*", color="black", ms=14, mfc="none", mew=1.2)
+
     positive = points.loc[np.isfinite(points["x"]) & (points["x"] > 0), "x"]
     if not positive.empty:
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: plain_number(value)))
-    finite = finished["value"]
-    if not finite.empty and (finite > 0).all():
-        ax.set_yscale("log")
-        format_log_axis(ax.yaxis)
-    if finite.empty:
+        format_log_x(ax, positive.to_numpy(dtype=float))
+    values = np.concatenate(drawn_values)
+    values = values[np.isfinite(values)]
+    if values.size:
+        diverged = bool((points["status"] == "diverged").any())
+        _set_sweep_limits(ax, values, strip=0.05 * len(lines) + 0.04 if diverged else 0.0)
+    else:
         ax.set_yticks([])
         ax.text(
             0.5,
@@ -294,18 +317,134 @@ def plot_sweep_sensitivity(
             transform=ax.transAxes,
             color=NOT_REACHED_COLOR,
         )
+    x_name = points["x_name"].iloc[0]
     ax.set_xlabel(x_name + (" (log scale)" if not positive.empty else ""))
     ax.set_ylabel(f"{points['criterion'].iloc[0]} (sweep criterion)")
+    if line_name and ax.get_legend_handles_labels()[0]:
+        _add_line_legend(ax, line_name)
+
+
+def _draw_sweep_line(
+    ax: Axes,
+    points: pd.DataFrame,
+    means: pd.DataFrame,
+    line: float,
+    index: int,
+    color: object,
+    label: str,
+) -> np.ndarray:
+    """Draw one line of a sweep panel: seed dots, eligible means with CI bars and the
+    diverged markers at height ``index`` of the top strip. Return the means drawn."""
+    in_line = _same_line(points, line)
+    seeds = points[in_line & (points["status"] == "finished") & np.isfinite(points["value"])]
+    ax.plot(seeds["x"], seeds["value"], "o", color=color, alpha=SWEEP_SEED_ALPHA, ms=4)
+
+    line_means = means[_same_line(means, line)]
+    eligible = line_means[line_means["eligible"]]
+    if not eligible.empty:
+        error = np.vstack([eligible["mean"] - eligible["low"], eligible["high"] - eligible["mean"]])
+        ax.errorbar(
+            eligible["x"],
+            eligible["mean"],
+            yerr=np.nan_to_num(error),
+            fmt="-o",
+            color=color,
+            capsize=3,
+            ms=5,
+            label=label,
+        )
+
+    # Each line's diverged markers get their own height in the top strip, so equal x values
+    # stay visible. They stay out of the layout, which would otherwise make room for them.
+    diverged = points[in_line & (points["status"] == "diverged")]
+    if not diverged.empty:
+        (marks,) = ax.plot(
+            diverged["x"],
+            np.full(len(diverged), 1 - 0.04 - 0.05 * index),
+            "x",
+            color=color,
+            ms=7,
+            mew=2,
+            transform=blended_transform_factory(ax.transData, ax.transAxes),
+            clip_on=False,
+        )
+        marks.set_in_layout(False)
+    return eligible["mean"].to_numpy(dtype=float)
+
+
+def _add_line_legend(ax: Axes, line_name: str) -> None:
+    """Put the legend of the line values below the panel, under its x label."""
     handles, texts = ax.get_legend_handles_labels()
-    handles += [
-        Line2D([], [], color="0.3", marker="o", linestyle="", alpha=0.35),
-        Line2D([], [], color="0.3", marker="x", linestyle="", mew=2),
+    ax.legend(
+        handles,
+        texts,
+        title=f"mean over seeds, {line_name} =",
+        ncol=min(len(texts), 4),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        bbox_transform=offset_copy(
+            ax.transAxes, fig=ax.figure, y=-SWEEP_LEGEND_OFFSET, units="points"
+        ),
+        handlelength=1.5,
+        columnspacing=1.2,
+    )
+
+
+def sweep_legend(points: pd.DataFrame) -> tuple[list[Line2D], list[str]]:
+    """Return the handles and texts that explain the markers of the sweep panels.
+
+    The diverged and selected entries appear only when ``points`` contains such runs.
+    """
+    handles = [
+        Line2D([], [], color="0.3", marker="o", ms=5),
+        Line2D([], [], color="0.3", marker="o", linestyle="", alpha=SWEEP_SEED_ALPHA, ms=4),
     ]
-    texts += ["single seed", "diverged seed"]
-    if not best.empty:
+    texts = ["mean over seeds ± 95% t-interval", "single seed"]
+    if (points["status"] == "diverged").any():
+        handles.append(Line2D([], [], color="0.3", marker="x", linestyle="", mew=2, ms=7))
+        texts.append("diverged seed (top strip)")
+    if points["best"].astype(bool).any():
         handles.append(Line2D([], [], color="black", marker="*", mfc="none", linestyle="", ms=10))
         texts.append("selected configuration")
-    ax.legend(handles, texts, loc="best")
+    return handles, texts
+
+
+def format_log_x(ax: Axes, values: np.ndarray) -> None:
+    """Put a log x axis under ``values`` (all > 0), labelled with plain numbers.
+
+    A short grid (at most 6 values, or less than a decade wide) is labelled at its own
+    values, thinned to at most 6 labels. A longer one is labelled at the decades. Minor
+    ticks never get labels, because matplotlib writes them as ``3×10^-1`` and they crowd.
+    """
+    ax.set_xscale("log")
+    distinct = np.unique(values)
+    if distinct.size <= 6 or distinct.max() < 10 * distinct.min():
+        stride = math.ceil(distinct.size / 6)
+        ax.xaxis.set_major_locator(ticker.FixedLocator(distinct[::stride]))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: plain_number(value)))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _set_sweep_limits(ax: Axes, values: np.ndarray, strip: float) -> None:
+    """Fit the y axis to ``values`` with a margin, leaving the top ``strip`` (an axes
+    fraction) free for the diverged markers. The axis is logarithmic when every value is
+    positive."""
+    log = bool((values > 0).all())
+    scaled = np.log(values) if log else values
+    low, high = float(scaled.min()), float(scaled.max())
+    span = high - low
+    if span == 0:
+        span = 0.7 if log else max(abs(low), 1.0)
+        low, high = low - span / 2, high + span / 2
+    margin = 0.06
+    total = span / (1 - 2 * margin - strip)
+    limits = (low - margin * total, high + (margin + strip) * total)
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(math.exp(limits[0]), math.exp(limits[1]))
+        format_log_axis(ax.yaxis)
+    else:
+        ax.set_ylim(*limits)
 
 
 def plot_step_size_bands(bands: pd.DataFrame, ax: Axes, *, title: str) -> None:
@@ -340,17 +479,28 @@ def plot_accuracy_curves(
     *,
     colors: Mapping[str, str],
     labels: Mapping[str, str],
+    line_styles: Mapping[str, LineStyle] | None = None,
 ) -> None:
     """Draw each group's mean test accuracy per epoch with its 95% band."""
     if curves.empty or not np.isfinite(curves["mean"]).any():
         draw_no_data(ax, "no data: no finished run with evaluations")
         return
+
+    line_styles = line_styles or {}
     for group, label in labels.items():
         part = curves[curves["group"] == group].sort_values("epoch")
         if part.empty:
             continue
         color = colors[group]
-        ax.plot(part["epoch"], 100 * part["mean"], "-o", color=color, ms=3, label=label)
+        ax.plot(
+            part["epoch"],
+            100 * part["mean"],
+            color=color,
+            linestyle=line_styles.get(group, "-"),
+            marker="o",
+            ms=3,
+            label=label,
+        )
         if np.isfinite(part["low"]).any():
             ax.fill_between(
                 part["epoch"],
@@ -360,6 +510,7 @@ def plot_accuracy_curves(
                 alpha=BAND_ALPHA,
                 lw=0,
             )
+
     # The y range fits the means, because with two seeds a 95% t-band spans ±9 standard
     # deviations.
     means = 100 * curves["mean"][np.isfinite(curves["mean"])]

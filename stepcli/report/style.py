@@ -1,4 +1,4 @@
-"""Figure style of the report: every rcParams setting and the group colours, in one place."""
+"""Figure style of the report: every rcParams setting and the group colours and line styles."""
 
 from __future__ import annotations
 
@@ -42,6 +42,21 @@ SEED_ALPHA = 0.25
 """Opacity of single-seed curves drawn under the mean."""
 BAND_ALPHA = 0.15
 """Opacity of confidence bands."""
+MEAN_LINEWIDTH = 2.0
+"""Width of the bold mean lines, wide enough for a dotted style to stay visible."""
+LineStyle = str | tuple[float, tuple[float, ...]]
+"""A matplotlib line style: a name such as ``"--"`` or an (offset, dash pattern) pair."""
+LINE_STYLES: tuple[LineStyle, ...] = (
+    "-",
+    "--",
+    ":",
+    "-.",
+    (0, (6, 1.5, 1, 1.5, 1, 1.5)),
+    (0, (10, 3)),
+)
+"""Line styles that groups take in turn: solid, dashed, dotted, dash-dot, dash-dot-dot and
+long dashes. Two groups whose lines coincide both stay visible, because the gaps of the line
+drawn on top show the one below."""
 
 _PALETTE = (
     "#1f77b4",
@@ -78,10 +93,28 @@ def group_colors(groups: Sequence[str], setups: Sequence[str]) -> dict[str, str]
     When each setup is one group, a setup keeps the same colour in every report (its place in
     the setups table picks it). Otherwise groups take the palette in display order.
     """
+    return {
+        group: _PALETTE[index % len(_PALETTE)]
+        for group, index in _style_indices(groups, setups).items()
+    }
+
+
+def group_line_styles(groups: Sequence[str], setups: Sequence[str]) -> dict[str, LineStyle]:
+    """Return a line style per group, picked like the colour: setups 1-6 each get their own
+    entry of ``LINE_STYLES``, and the cycle repeats from the seventh setup."""
+    return {
+        group: LINE_STYLES[index % len(LINE_STYLES)]
+        for group, index in _style_indices(groups, setups).items()
+    }
+
+
+def _style_indices(groups: Sequence[str], setups: Sequence[str]) -> dict[str, int]:
+    """Return each group's place in the setups table when each setup is one group, else its
+    place in display order."""
     if len(set(setups)) == len(groups):
         order = {name: i for i, name in enumerate(SETUPS)}
         return {
-            group: _PALETTE[order.get(setup, i) % len(_PALETTE)]
+            group: order.get(setup, i)
             for i, (group, setup) in enumerate(zip(groups, setups, strict=True))
         }
-    return {group: _PALETTE[i % len(_PALETTE)] for i, group in enumerate(groups)}
+    return {group: i for i, group in enumerate(groups)}

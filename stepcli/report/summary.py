@@ -141,7 +141,10 @@ def summary_markdown(summary: pd.DataFrame, target: Target | None, notes: list[s
     buffer.write(
         "Final train loss: mean minibatch loss over the last epoch. Means are over finished "
         "runs, ± the half-width of the 95% t-interval over seeds. Parameters: network, "
-        "learned step sizes, learned decays and their total (the counted budget).\n"
+        "learned step sizes, learned decays and their total (the counted budget). ms/step: "
+        "wall-clock training time per step, averaged over runs. Timings on a shared or "
+        "loaded CPU are noisy, so compare setups timed on the same machine under the same "
+        "load.\n"
     )
     if target is not None:
         rule = "first step whose smoothed loss is at most the"
