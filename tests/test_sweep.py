@@ -300,7 +300,7 @@ def test_interrupted_sweep_resumes(tmp_path, mnist_dir):
         (("adam", "--lrs="), "error: invalid --lrs '': give comma-separated numbers"),
         (("adam", "--lrs", "-1"), "error: invalid --lrs value -1: must be > 0"),
         (("setup-9",), "error: invalid setup 'setup-9': choose adam, setup-1"),
-        (("adam", "--seeds", "0"), "error: invalid --seeds 0: must be an integer >= 1"),
+        (("adam", "--seeds", "0"), "error: invalid --seeds 0: must be an integer from 1 to 1000"),
         (("adam", "--alpha0s", "0.1"), "error: invalid --alpha0s: setup 1"),
     ],
 )
