@@ -796,6 +796,50 @@ def test_mean_curves_stop_at_shortest_seed():
     assert at_start["seeds"] == 2
 
 
+def test_sqlite_steps_match_sqlalchemy_read(tmp_path):
+    store = open_store(str(tmp_path / "steps.db"))
+    losses = [2.0, math.nan, math.inf, 0.5, 0.0]
+    first = add_run(store, "1", 0, losses)
+    second = add_run(store, "1", 1, [1.0, 0.9])
+    add_run(store, "1", 2, [7.0])
+    steps = frames.load_steps(store.engine, [second, first])
+    assert steps["run_id"].tolist() == [first] * 5 + [second] * 2
+    assert steps["step"].tolist() == [1, 2, 3, 4, 5, 1, 2]
+    assert steps.dtypes.to_dict() == {
+        "run_id": np.dtype("int64"),
+        "step": np.dtype("int64"),
+        "epoch": np.dtype("int64"),
+        "loss": np.dtype("float64"),
+        "seconds": np.dtype("float64"),
+    }
+    np.testing.assert_array_equal(steps["loss"].to_numpy()[:5], losses)
+    query = (
+        frames.select(frames.Step.run_id, frames.Step.step, frames.Step.epoch)
+        .add_columns(frames.Step.loss, frames.Step.seconds)
+        .where(frames.Step.run_id.in_([first, second]))
+        .order_by(frames.Step.run_id, frames.Step.step)
+    )
+    pd.testing.assert_frame_equal(steps, pd.read_sql(query, store.engine))
+    assert frames.load_steps(store.engine, []).empty
+    store.dispose()
+
+
+def test_thinned_curve_keeps_extremes_gaps_and_ends():
+    values = np.sin(np.linspace(0, 20, 20_000)) + 2.0
+    values[7_000] = 50.0
+    values[12_000:12_010] = math.nan
+    keep = plots.thin_indices(values, max_points=2_000)
+    assert len(keep) <= 2_000
+    assert (np.diff(keep) > 0).all()
+    assert keep[0] == 0
+    assert keep[-1] == len(values) - 1
+    assert 7_000 in keep
+    assert np.isnan(values[keep]).any()
+    assert np.nanmin(values[keep]) == np.nanmin(values)
+    short = np.arange(5.0)
+    assert plots.thin_indices(short, max_points=2_000).tolist() == [0, 1, 2, 3, 4]
+
+
 def test_sweep_criteria_all_mapped():
     sweep = pytest.importorskip("stepcli.sweep")
     for name, column in sweep.CRITERIA.items():

@@ -20,6 +20,12 @@ from matplotlib.transforms import blended_transform_factory, offset_copy
 from stepcli.report.frames import LOSS_FLOOR, Target
 from stepcli.report.style import BAND_ALPHA, MEAN_LINEWIDTH, SEED_ALPHA, LineStyle
 
+MAX_CURVE_POINTS = 2000
+"""Maximum points drawn per seed curve. ``thin_indices`` picks them so the line looks the same."""
+
+MAX_EPOCH_TICKS = 10
+"""Maximum epochs labelled on a step-size panel. Longer runs get integer ticks at round steps."""
+
 NO_DATA_COLOR = "0.45"
 NOT_REACHED_COLOR = "#b22222"
 SWEEP_SEED_ALPHA = 0.35
@@ -79,9 +85,11 @@ def plot_loss_curves(
     bands: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
     empty_groups: list[str] = []
     drawn_mean = False
+    # One pass over the rows, which can number millions, instead of one comparison per group.
+    by_group = dict(tuple(curves.groupby("group", sort=False)))
     for group, label in labels.items():
         color = colors[group]
-        seeds = curves[curves["group"] == group]
+        seeds = by_group.get(group, curves.iloc[0:0])
         finite_seeds = 0
         for _, run in seeds.groupby("run_id", sort=False):
             xs = run[x].to_numpy(dtype=float)
@@ -93,7 +101,8 @@ def plot_loss_curves(
             ys_drawn = np.clip(ys, LOSS_FLOOR, None)
             diverged = run["status"].iloc[0] == "diverged"
             (diverged_values if diverged else kept_values).append(ys_drawn[finite])
-            ax.plot(xs, ys_drawn, color=color, alpha=SEED_ALPHA, linewidth=0.8)
+            keep = thin_indices(np.where(finite, ys_drawn, math.nan))
+            ax.plot(xs[keep], ys_drawn[keep], color=color, alpha=SEED_ALPHA, linewidth=0.8)
             last = np.flatnonzero(finite)[-1]
             (markers if diverged else ends).append((xs[last], ys_drawn[last], color))
         if not finite_seeds:
@@ -150,6 +159,31 @@ def plot_loss_curves(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("training loss (smoothed, log scale)")
     _add_loss_legend(ax, drawn_mean=drawn_mean, diverged=bool(markers), empty_groups=empty_groups)
+
+
+def thin_indices(values: np.ndarray, max_points: int = MAX_CURVE_POINTS) -> np.ndarray:
+    """Return the sorted indices of ``values`` to draw so that a line looks the same.
+
+    A curve of more than ``max_points`` points is cut into ``max_points // 3`` runs of
+    consecutive points, and each run keeps its smallest and largest value and its first
+    non-finite point, so peaks and the gaps of NaN stay visible. The first and last points
+    are always kept. Shorter curves keep every point.
+    """
+    count = len(values)
+    if count <= max_points:
+        return np.arange(count)
+    buckets = max(max_points // 3, 1)
+    size = math.ceil(count / buckets)
+    padded = np.full(buckets * size, np.nan)
+    padded[:count] = values
+    finite = np.isfinite(padded)
+    rows = np.arange(buckets) * size
+    low = np.where(finite, padded, np.inf).reshape(buckets, size).argmin(axis=1) + rows
+    high = np.where(finite, padded, -np.inf).reshape(buckets, size).argmax(axis=1) + rows
+    gaps = (~finite[:count]).nonzero()[0]
+    gap_starts = gaps[np.concatenate(([True], gaps[1:] // size != gaps[:-1] // size))[: gaps.size]]
+    keep = np.unique(np.concatenate(([0, count - 1], low, high, gap_starts)))
+    return keep[keep < count]
 
 
 def _add_loss_legend(
@@ -469,7 +503,11 @@ def plot_step_size_bands(bands: pd.DataFrame, ax: Axes, *, title: str) -> None:
         ax.plot(epochs, quantiles["q50"], "-o", color="black", ms=3, lw=1.2)
     ax.set_yscale("log")
     format_log_axis(ax.yaxis)
-    ax.set_xticks(epochs)
+    if np.unique(epochs).size <= MAX_EPOCH_TICKS:
+        ax.set_xticks(epochs)
+    else:
+        # One label per epoch would overlap, and thousands of ticks take seconds to draw.
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=MAX_EPOCH_TICKS, integer=True))
     ax.set_xlim(epochs.min() - 0.5, epochs.max() + 0.5)
 
 
