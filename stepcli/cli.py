@@ -21,11 +21,21 @@ from stepcli.config import ConfigError, TrainConfig
 from stepcli.data import DataError, balanced_subset
 from stepcli.options import (
     AllowCpu,
+    AlphaMax,
+    AlphaMin,
+    BatchSize,
+    Compile,
+    Curvature,
+    CurvatureEvery,
     DataDir,
     Db,
     Device,
+    Epochs,
+    Gamma,
+    Hidden,
     OutputFormat,
     Quiet,
+    SubsetSize,
     Verbose,
     check_format,
     load_data,
@@ -91,34 +101,19 @@ def train(
     meta_lr: Annotated[
         float | None, typer.Option(help="Meta step size mu: change of each log step size per step.")
     ] = None,
-    alpha_min: Annotated[float, typer.Option(help="Lower clamp of every step size.")] = 1e-6,
-    alpha_max: Annotated[float, typer.Option(help="Upper clamp of every step size.")] = 3.0,
-    gamma: Annotated[
-        float, typer.Option(help="Trace decay of the learned setups, in [0, 1].")
-    ] = 0.99,
-    curvature_every: Annotated[
-        int, typer.Option(help="Steps between curvature refreshes of setups 3 and 6 (k).")
-    ] = 10,
-    curvature: Annotated[
-        str, typer.Option(help="Curvature product of setup 4: hessian or ggn.")
-    ] = "hessian",
-    epochs: Annotated[int, typer.Option(help="Passes over the training subset.")] = 6,
-    batch_size: Annotated[int, typer.Option(help="Examples per minibatch.")] = 256,
-    subset_size: Annotated[
-        int,
-        typer.Option(
-            help="Class-balanced training subset size; the full size (60000) uses every image."
-        ),
-    ] = 12_000,
+    alpha_min: AlphaMin = 1e-6,
+    alpha_max: AlphaMax = 3.0,
+    gamma: Gamma = 0.99,
+    curvature_every: CurvatureEvery = 10,
+    curvature: Curvature = "hessian",
+    epochs: Epochs = 6,
+    batch_size: BatchSize = 256,
+    subset_size: SubsetSize = 12_000,
     seed: Annotated[
         int, typer.Option(help="Seed of weights, subset, batch order and sampling.")
     ] = 0,
-    hidden: Annotated[
-        str, typer.Option(help="Hidden widths of the baseline network X, comma-separated.")
-    ] = "256",
-    compile: Annotated[
-        bool, typer.Option("--compile", help="Compile the forward pass with torch.compile.")
-    ] = False,
+    hidden: Hidden = "256",
+    compile: Compile = False,
     allow_cpu: AllowCpu = False,
     device: Device = None,
     data_dir: DataDir = None,

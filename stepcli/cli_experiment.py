@@ -23,9 +23,12 @@ from stepcli.experiment import (
 )
 from stepcli.options import (
     AllowCpu,
+    BatchSize,
+    Compile,
     DataDir,
     Db,
     Device,
+    Hidden,
     load_data,
     open_db,
     parse_setups,
@@ -45,7 +48,7 @@ def experiment(
         int | None,
         typer.Option(help="Passes over the training subset (default 6, or 2 with --quick)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per minibatch.")] = 256,
+    batch_size: BatchSize = 256,
     subset_size: Annotated[
         int | None,
         typer.Option(
@@ -80,12 +83,8 @@ def experiment(
     select_by: Annotated[
         str, typer.Option(help="Sweep selection criterion: train-loss or val-loss.")
     ] = "train-loss",
-    hidden: Annotated[
-        str, typer.Option(help="Hidden widths of the baseline network X, comma-separated.")
-    ] = "256",
-    compile: Annotated[
-        bool, typer.Option("--compile", help="Compile the forward pass with torch.compile.")
-    ] = False,
+    hidden: Hidden = "256",
+    compile: Compile = False,
     executor: Annotated[
         str, typer.Option(help="Where runs train: local (this process) or ray.")
     ] = "local",

@@ -15,7 +15,25 @@ from stepcli.cli import _parse_hidden, app, check_subset
 from stepcli.config import ConfigError, TrainConfig
 from stepcli.data import data_dir_from
 from stepcli.executors import AUTO_DEVICE, ExecutionContext, ExecutorOptions, make_executor
-from stepcli.options import AllowCpu, DataDir, Db, Device, load_data, open_db, resolve_device
+from stepcli.options import (
+    AllowCpu,
+    AlphaMax,
+    AlphaMin,
+    BatchSize,
+    Compile,
+    Curvature,
+    CurvatureEvery,
+    DataDir,
+    Db,
+    Device,
+    Epochs,
+    Gamma,
+    Hidden,
+    SubsetSize,
+    load_data,
+    open_db,
+    resolve_device,
+)
 from stepcli.store import check_store_location
 from stepcli.sweep import (
     AXIS_OPTIONS,
@@ -95,31 +113,16 @@ def sweep_command(
         float | None,
         typer.Option(help="GPUs reserved per run (fractions allowed); stored with each run."),
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the training subset.")] = 6,
-    batch_size: Annotated[int, typer.Option(help="Examples per minibatch.")] = 256,
-    subset_size: Annotated[
-        int,
-        typer.Option(
-            help="Class-balanced training subset size; the full size (60000) uses every image."
-        ),
-    ] = 12_000,
-    hidden: Annotated[
-        str, typer.Option(help="Hidden widths of the baseline network X, comma-separated.")
-    ] = "256",
-    alpha_min: Annotated[float, typer.Option(help="Lower clamp of every step size.")] = 1e-6,
-    alpha_max: Annotated[float, typer.Option(help="Upper clamp of every step size.")] = 3.0,
-    gamma: Annotated[
-        float, typer.Option(help="Trace decay of the learned setups, in [0, 1].")
-    ] = 0.99,
-    curvature_every: Annotated[
-        int, typer.Option(help="Steps between curvature refreshes of setups 3 and 6 (k).")
-    ] = 10,
-    curvature: Annotated[
-        str, typer.Option(help="Curvature product of setup 4: hessian or ggn.")
-    ] = "hessian",
-    compile: Annotated[
-        bool, typer.Option("--compile", help="Compile the forward pass with torch.compile.")
-    ] = False,
+    epochs: Epochs = 6,
+    batch_size: BatchSize = 256,
+    subset_size: SubsetSize = 12_000,
+    hidden: Hidden = "256",
+    alpha_min: AlphaMin = 1e-6,
+    alpha_max: AlphaMax = 3.0,
+    gamma: Gamma = 0.99,
+    curvature_every: CurvatureEvery = 10,
+    curvature: Curvature = "hessian",
+    compile: Compile = False,
     allow_cpu: AllowCpu = False,
     device: Device = None,
     data_dir: DataDir = None,

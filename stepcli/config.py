@@ -14,17 +14,6 @@ from stepcli.setups import Setup, get_setup
 DIVERGENCE_LOSS = 1e3
 """A minibatch loss above this (or a non-finite one) stops the run as diverged."""
 
-OPTIMIZER_KEYS = (
-    "lr",
-    "alpha0",
-    "meta_lr",
-    "alpha_min",
-    "alpha_max",
-    "gamma",
-    "curvature_every",
-    "curvature",
-)
-
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the option, the value and the valid range."""

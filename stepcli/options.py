@@ -37,6 +37,27 @@ Db = Annotated[str, typer.Option(help="Results store: a file path or an SQLAlche
 OutputFormat = Annotated[
     str, typer.Option("--format", help="Output format of the result table: table, json or csv.")
 ]
+Epochs = Annotated[int, typer.Option(help="Passes over the training subset.")]
+BatchSize = Annotated[int, typer.Option(help="Examples per minibatch.")]
+SubsetSize = Annotated[
+    int,
+    typer.Option(
+        help="Class-balanced training subset size; the full size (60000) uses every image."
+    ),
+]
+Hidden = Annotated[
+    str, typer.Option(help="Hidden widths of the baseline network X, comma-separated.")
+]
+AlphaMin = Annotated[float, typer.Option(help="Lower clamp of every step size.")]
+AlphaMax = Annotated[float, typer.Option(help="Upper clamp of every step size.")]
+Gamma = Annotated[float, typer.Option(help="Trace decay of the learned setups, in [0, 1].")]
+CurvatureEvery = Annotated[
+    int, typer.Option(help="Steps between curvature refreshes of setups 3 and 6 (k).")
+]
+Curvature = Annotated[str, typer.Option(help="Curvature product of setup 4: hessian or ggn.")]
+Compile = Annotated[
+    bool, typer.Option("--compile", help="Compile the forward pass with torch.compile.")
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debug messages.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print results and errors only.")]
 
