@@ -229,6 +229,9 @@ def _print_results(results: list[Any], output: str) -> None:
     print_rows(rows, output, title="summary")
 
 
+_INTERRUPTED = "interrupted: a run in progress, if any, is stored as 'interrupted' with its rows"
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         console.error(str(exc))
         sys.exit(1)
     except KeyboardInterrupt:
-        console.error("interrupted: the run in progress is stored as 'interrupted' with its rows")
+        console.error(_INTERRUPTED)
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
@@ -293,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     # Typer 0.29 returns the code of a typer.Exit, and 130 after Ctrl-C, instead of raising.
     if code == 130:
-        console.error("interrupted: the run in progress is stored as 'interrupted' with its rows")
+        console.error(_INTERRUPTED)
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -116,6 +117,8 @@ def experiment(
     """
     started = time.monotonic()
     check_report_formats(image_format, table_format)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"invalid --out {out}: it is a file; pass a folder for the report")
     if select_by not in CRITERIA:
         raise ConfigError(f"invalid --select-by {select_by!r}: choose one of {', '.join(CRITERIA)}")
     check_seed_count("--seeds", seeds)

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from sqlalchemy.engine import make_url
 
 from stepcli import console
 from stepcli.cli import app
 from stepcli.config import ConfigError
 from stepcli.options import Db, open_db, parse_setups
-from stepcli.store import Store
+from stepcli.store import Store, normalize_url
 from stepcli.tables import print_rows
 
 TABLE_FORMATS = ("table", "csv", "markdown", "json")
@@ -192,6 +193,7 @@ def export(
     path = Path(out) if out is not None else default_export_path(table, export_format)
     if path.is_dir():
         raise ConfigError(f"invalid --out {path}: it is a folder; pass a file path")
+    _check_not_store(path, db)
 
     store = _open_existing(db)
     try:
@@ -210,6 +212,16 @@ def _open_existing(db: str) -> Store:
         console.error(f"store {db} not found; {_NEXT_STEP}, or pass --db")
         raise typer.Exit(1)
     return open_db(db)
+
+
+def _check_not_store(path: Path, db: str) -> None:
+    """Raise ``ConfigError`` when ``path`` is the SQLite store file or one of its side files."""
+    if "://" in db and not db.startswith("sqlite"):
+        return
+    database = Path(make_url(normalize_url(db)).database or "").resolve()
+    target = path.expanduser().resolve()
+    if target in {database, Path(f"{database}-wal"), Path(f"{database}-shm")}:
+        raise ConfigError(f"invalid --out {path}: it is the store itself; pass another file")
 
 
 def _parse_run_ids(text: str) -> list[int]:

@@ -8,10 +8,13 @@ so on CUDA no step waits for the host.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -306,11 +309,13 @@ def train(
             "test_accuracy": test_accuracy,
         }
 
+    written = 0  # the last step whose row is stored
+
     def flush(
         evals: list[dict[str, Any]] = (), diagnostics: list[dict[str, Any]] = ()
     ) -> int | None:
         """Write the pending steps; return the step that diverged, if one did."""
-        nonlocal pending, pending_epochs
+        nonlocal pending, pending_epochs, written
         seconds = clock.pause()
         # A flush repeated after an interrupted write finds the clock already paused.
         seconds += [clock.total] * (len(pending) - len(seconds))
@@ -341,6 +346,7 @@ def train(
             elapsed = max(clock.total, 1e-9)
             progress.stats(rows[-1]["loss"], (first_step + keep - 1) / elapsed)
         pending, pending_epochs = [], []
+        written = first_step + keep - 1
         return None if diverged_at is None else first_step + diverged_at
 
     try:
@@ -389,13 +395,23 @@ def train(
         status = "diverged" if result.diverged_step is not None else "finished"
         if status == "diverged":
             result.final_train_loss = None
-        # A run that ends above its starting loss counts as diverged too, at its last step.
-        if status == "finished" and result.final_eval_loss > initial["train_loss"]:
+        # A run that ends above its starting loss, or whose final weights give a non-finite
+        # loss, counts as diverged too, at its last step.
+        final_loss = result.final_eval_loss
+        if status == "finished" and not (
+            math.isfinite(final_loss) and final_loss <= initial["train_loss"]
+        ):
             status = "diverged"
             result.diverged_step = step
+            result.final_train_loss = None
     except KeyboardInterrupt:
         status = "interrupted"
-        _flush_quietly(flush, pending)
+        with _deferred_signals():
+            if pending:
+                diverged = flush()
+                if diverged is not None:
+                    status = "diverged"
+                    result.diverged_step = diverged
         raise
     except BaseException as exc:
         status = "failed"
@@ -403,7 +419,8 @@ def train(
         raise
     finally:
         result.status = status
-        result.steps = step if result.diverged_step is None else result.diverged_step
+        # Only stored steps count, so an interrupted or failed run never claims rows it lost.
+        result.steps = written if result.diverged_step is None else result.diverged_step
         result.train_seconds = clock.total
         final = {
             "steps_done": result.steps,
@@ -417,7 +434,8 @@ def train(
             "error": result.extra.get("error"),
             "weights_digest": _digest_or_none(model),
         }
-        sink.finish_run(run_id, status, **final)
+        with _deferred_signals():
+            sink.finish_run(run_id, status, **final)
         progress.finish(status)
     return result
 
@@ -445,10 +463,29 @@ def _digest_or_none(model: torch.nn.Module) -> str | None:
         return None
 
 
-def _flush_quietly(flush: Any, pending: list[torch.Tensor]) -> None:
-    # A second Ctrl-C during this write still leaves the rows written so far.
-    if pending:
-        flush()
+@contextlib.contextmanager
+def _deferred_signals() -> Any:
+    """Hold SIGINT and SIGTERM back until the block ends, then raise ``KeyboardInterrupt``.
+
+    A second Ctrl-C in the middle of the last write would otherwise abandon the transaction
+    and lose the rows, or leave the write lock held. Outside the main thread this does nothing,
+    because only the main thread may install signal handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in handled}
+    for number in handled:
+        signal.signal(number, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        raise KeyboardInterrupt(f"signal {received[0]} during the final write")
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -98,6 +98,8 @@ def resolve_device(device: str | None, allow_cpu: bool) -> torch.device:
         chosen = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"invalid --device {device!r}: use cuda, cuda:N or cpu") from None
+    if chosen.type not in ("cuda", "cpu"):
+        raise ConfigError(f"invalid --device {device!r}: stepcli trains on cuda, cuda:N or cpu")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"invalid --device {device}: CUDA is not available; pass --allow-cpu")
     if (

@@ -119,3 +119,15 @@ def test_matched_start_across_setups(tmp_path, mnist_cpu):
     assert steps_a[0].loss == steps_b[0].loss
     assert evals_a[0].train_loss == evals_b[0].train_loss
     assert not torch.isnan(torch.tensor(steps_a[0].loss))
+
+
+def test_non_finite_final_loss_is_diverged(tmp_path, mnist_cpu):
+    # One huge step: the minibatch loss before it is finite, the weights after it are not.
+    store = open_store(str(tmp_path / "r.db"))
+    config = small("sgd", lr=1e30, subset_size=100, batch_size=100, epochs=1)
+    result = train(config, store, mnist_cpu)
+    run, steps, evals = stored(store, result.run_id)
+    assert run.status == "diverged"
+    assert run.diverged_step == 1
+    assert run.steps_done == len(steps) == 1
+    assert run.final_train_loss is None

@@ -328,7 +328,7 @@ def test_signal_stores_run_interrupted(signal_study, name):
     assert run.done.returncode == 130, run.done.stderr
     assert "Traceback" not in run.done.stderr
     assert error_lines(run.done.stderr) == [
-        "error: interrupted: the run in progress is stored as 'interrupted' with its rows"
+        "error: interrupted: a run in progress, if any, is stored as 'interrupted' with its rows"
     ]
 
     db = signal_study.db

@@ -66,9 +66,8 @@ def export_table(
     partial = path.with_name(path.name + ".part")
     rows = 0
     try:
-        # NOTE: on SQLite every store transaction begins IMMEDIATE, so an export holds the
-        # write lock until it ends. A training run meanwhile waits, up to the 60 s busy
-        # timeout, to write its next batch.
+        # A read transaction begins deferred (see stepcli.store.session), so in WAL mode this
+        # long read never blocks a training run's writes.
         with engine.connect() as connection:
             chunks = pd.read_sql(query, connection, chunksize=chunk_rows)
             if export_format == "csv":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -107,7 +108,6 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
@@ -180,7 +180,10 @@ def open_store(db: str = DEFAULT_DB, *, mark_stale: bool = True, create: bool = 
     if is_sqlite:
         _check_sqlite_path(url)
     try:
-        engine = create_engine(url, future=True)
+        # A PostgreSQL server that accepts the connection but never answers would otherwise
+        # hang the command; 10 s is far above a healthy connection time.
+        connect_args = {"connect_timeout": 10} if backend == "postgresql" else {}
+        engine = create_engine(url, future=True, connect_args=connect_args)
     except ImportError as exc:
         if backend == "postgresql":
             raise StoreError(
@@ -199,6 +202,10 @@ def open_store(db: str = DEFAULT_DB, *, mark_stale: bool = True, create: bool = 
             _init_schema(store, db_display)
         else:
             _check_schema(store, db_display)
+        if is_sqlite:
+            # WAL is a property of the file, set once the file is known to be a stepcli store,
+            # so a refused file keeps its journal mode and its bytes.
+            _set_wal(engine)
         if mark_stale:
             mark_stale_runs(store)
     except DBAPIError as exc:
@@ -209,6 +216,30 @@ def open_store(db: str = DEFAULT_DB, *, mark_stale: bool = True, create: bool = 
         engine.dispose()
         raise
     return store
+
+
+def _set_wal(engine: Engine, attempts: int = 100) -> None:
+    """Switch the SQLite file to WAL mode unless it already is.
+
+    Switching needs the file to itself and SQLite reports a busy file at once, without the busy
+    timeout, so concurrent first opens retry for up to about 10 s.
+    """
+    # The raw connection runs in autocommit mode (see _configure_sqlite), because SQLite cannot
+    # change the journal mode inside a transaction.
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        for attempt in range(attempts):
+            try:
+                if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                    return
+                cursor.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.1)
+    finally:
+        raw.close()
 
 
 def display_url(db: str) -> str:
