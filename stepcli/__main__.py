@@ -1,5 +1,5 @@
 """Entry point for ``python -m stepcli``."""
 
-from stepcli.cli import main
+from stepcli.entry import main
 
 main()
