@@ -255,6 +255,11 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _exit_interrupted() -> None:
+    console.error(_INTERRUPTED)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn known errors into one-line messages and exit codes."""
     _install_signal_handlers()
@@ -276,8 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         console.error(str(exc))
         sys.exit(1)
     except KeyboardInterrupt:
-        console.error(_INTERRUPTED)
-        sys.exit(130)
+        _exit_interrupted()
     except BrokenPipeError:
         sys.exit(1)
     except Exception as exc:
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     # Typer 0.29 returns the code of a typer.Exit, and 130 after Ctrl-C, instead of raising.
     if code == 130:
-        console.error(_INTERRUPTED)
+        _exit_interrupted()
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 
