@@ -39,7 +39,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 class Progress(Protocol):
-    """What the engine reports while it trains; the CLI draws it."""
+    """Progress callbacks that the engine calls while it trains; the CLI draws them."""
 
     def start(self, run_id: int, title: str, total_steps: int) -> None: ...
 

@@ -1,6 +1,6 @@
 """Executors: run a list of run specifications and hand back their results.
 
-The engine knows nothing of executors. A sweep builds ``RunSpec`` objects and passes them to an
+The engine does not depend on executors. A sweep builds ``RunSpec`` objects and passes them to an
 executor; ``LocalExecutor`` trains them one after another in this process. Another executor
 (Ray, say) only has to honour the same ``run`` contract and add a factory to ``EXECUTORS`` with
 ``register_executor``; ``stepcli sweep --executor NAME`` then builds it through ``make_executor``.
@@ -34,7 +34,7 @@ class RunSpec:
 
 @dataclass
 class ExecutionContext:
-    """What an executor needs to reach the data and the store."""
+    """Data and store access that an executor needs."""
 
     store: Store
     data_dir: str

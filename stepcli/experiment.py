@@ -33,7 +33,7 @@ meta step size grid was chosen."""
 
 @dataclass(frozen=True)
 class ExperimentPlan:
-    """Which setups to tune and train, on which seeds, with which shared settings."""
+    """Plan of an experiment: the setups to tune and train, their seeds and shared settings."""
 
     setups: tuple[str, ...]
     base: TrainConfig
@@ -72,7 +72,7 @@ def default_grid(name: str, steps: int) -> dict[str, tuple[float, ...]]:
 
     The sign rule moves every log step size by exactly mu per step, so a run of T steps needs
     mu about proportional to 1/T. Runs longer than the original study's 282 steps get
-    ``mu * 282 / T``; shorter runs keep the grid, because larger mu values sit near the cliff
+    ``mu * 282 / T``. Shorter runs keep the grid, because larger mu values sit near the cliff
     where most runs diverge.
     """
     grid = dict(get_setup(name).grid)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -154,7 +153,3 @@ def print_budget_table(names: list[str], hidden_full: tuple[int, ...]) -> None:
         )
     if console.state["verbosity"] > console.Verbosity.QUIET:
         print_rows(rows, "table", title=f"parameter budget (X = {x:,})", stream=console.stderr)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -1,7 +1,7 @@
 """The six setups of the study and its controls, as data.
 
-Each entry says which network (as a fraction of the baseline's parameter count X), which
-optimizer and which trace rule a run uses, its default hyperparameters and its tuning grid.
+Each entry gives the network (as a fraction of the baseline's parameter count X), the
+optimizer and trace rule a run uses, its default hyperparameters and its tuning grid.
 ``train`` and ``sweep`` read this table; nothing else branches on a setup id.
 """
 

@@ -180,8 +180,8 @@ def open_store(db: str = DEFAULT_DB, *, mark_stale: bool = True, create: bool = 
     if is_sqlite:
         _check_sqlite_path(url)
     try:
-        # A PostgreSQL server that accepts the connection but never answers would otherwise
-        # hang the command; 10 s is far above a healthy connection time.
+        # A PostgreSQL server that accepts the connection but never responds would otherwise
+        # hang the command. 10 s is far above a healthy connection time.
         connect_args = {"connect_timeout": 10} if backend == "postgresql" else {}
         engine = create_engine(url, future=True, connect_args=connect_args)
     except ImportError as exc:

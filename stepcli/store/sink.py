@@ -1,4 +1,4 @@
-"""Where the engine sends a run's rows: straight to a store, or into memory for a driver.
+"""Sinks for a run's rows: straight to a store, or into memory for a driver.
 
 The engine calls ``create_run`` once, ``write_rows`` at every flush and ``finish_run`` once.
 ``StoreSink`` writes each call in one transaction. ``MemorySink`` keeps the calls so that a
@@ -26,8 +26,9 @@ class StoreSink:
         if self.run_id is None:
             self.run_id = create_run(self.store, **fields)
         else:
-            # A run row made by a sweep driver: fill in what only the worker knows. The heartbeat
-            # comes from this process, which stale detection compares with the start of its pid.
+            # A run row made by a sweep driver: fill in the fields that only the worker has.
+            # The heartbeat comes from this process, which stale detection compares with the
+            # start of its pid.
             finish_fields = {
                 **fields,
                 "status": "running",
